@@ -1,0 +1,3 @@
+from lora_cli.cli.app import main
+
+main()

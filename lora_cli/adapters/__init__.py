@@ -1,0 +1,1 @@
+"""Adapter types: one module per PEFT type, each answering "given this base tensor, what does it become"."""

@@ -1,0 +1,236 @@
+"""LoRA as PEFT defines it (`peft/tuners/lora/layer.py`, `variants.py`): plain, rsLoRA, patterns,
+fan_in_fan_out, embeddings, convolutions, DoRA and `lora_bias`.
+
+Every delta is computed in PEFT's order, `transpose(B @ A, fan_in_fan_out) * scaling` in fp32, and added to the
+base in fp32 with one rounding at the end: the exact bytes of PEFT's CPU `merge_and_unload`. Any other order
+(addmm, scaling B first, fp64) lands tens of ulps away where the delta cancels the weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit, register
+from lora_cli.errors import InputError
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """Which tensors hold A and B, and how they combine: linear, embedding (stored transposed) or conv."""
+
+    a_key: str
+    b_key: str
+    layout: str  # "linear" | "embedding" | "conv"
+    rank: int
+    scaling: float
+    fan_in_fan_out: bool
+
+
+def lora_delta(factors: LoraFactors, ctx: EditContext, base_shape: Shape) -> torch.Tensor:
+    """The module's delta in working precision, in exactly PEFT's order of operations."""
+    a, b = ctx.load(factors.a_key), ctx.load(factors.b_key)
+    if factors.layout == "embedding":
+        return (b @ a).T * factors.scaling
+    if factors.layout == "conv":
+        if tuple(base_shape[2:4]) == (1, 1):
+            return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * factors.scaling
+        groups = a.shape[1] // base_shape[1]
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[len(base_shape)]
+        delta = conv(a.transpose(0, 1), b)
+        return delta * factors.scaling if groups > 1 else delta.transpose(0, 1) * factors.scaling
+    delta = b @ a
+    return (delta.T if factors.fan_in_fan_out else delta) * factors.scaling
+
+
+class LoraEdit(TensorEdit):
+    """W + scale * delta, where scale is the user's `ADAPTER@w` multiplier (1 by default)."""
+
+    kind = "lora"
+
+    def __init__(self, adapter: Adapter, target: str, factors: LoraFactors) -> None:
+        super().__init__(adapter, target)
+        self.factors = factors
+
+    def adapter_keys(self) -> list[str]:
+        return [self.factors.a_key, self.factors.b_key]
+
+    def expected_shape(self) -> Shape:
+        a = self.adapter.weights.shape(self.factors.a_key)
+        b = self.adapter.weights.shape(self.factors.b_key)
+        if self.factors.layout == "embedding":
+            return (a[1], b[0])
+        if self.factors.layout == "conv":
+            return (b[0], *a[1:])
+        return (a[1], b[0]) if self.factors.fan_in_fan_out else (b[0], a[1])
+
+    def check(self, shape: Shape) -> str | None:
+        expected = self.expected_shape()
+        if self.factors.layout == "conv":
+            fits = len(shape) == len(expected) and shape[0] == expected[0] and shape[2:] == expected[2:]
+            fits = fits and expected[1] % max(shape[1], 1) == 0
+        else:
+            fits = tuple(shape) == expected
+        return None if fits else f"{self.target}: delta {expected} vs base {tuple(shape)}"
+
+    def delta(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        delta = lora_delta(self.factors, ctx, tuple(weight.shape))
+        return delta if self.adapter.weight == 1.0 else delta * self.adapter.weight
+
+    def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        return weight + self.delta(weight, ctx)
+
+    def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
+        return merged - self.delta(merged, ctx)
+
+    def describe(self) -> str:
+        return f"lora r={self.factors.rank} scale={self.factors.scaling:g}"
+
+
+class DoraEdit(LoraEdit):
+    """DoRA: m / ||W + delta|| * (W + delta), the norm taken over each output (or, for embeddings, input) unit."""
+
+    kind = "dora"
+
+    def __init__(self, adapter: Adapter, target: str, factors: LoraFactors, magnitude_key: str) -> None:
+        super().__init__(adapter, target, factors)
+        self.magnitude_key = magnitude_key
+
+    def adapter_keys(self) -> list[str]:
+        return [*super().adapter_keys(), self.magnitude_key]
+
+    def _factor(self, base: torch.Tensor, delta: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        magnitude = ctx.load(self.magnitude_key)
+        if self.factors.layout == "conv":
+            # `DoraConv2dLayer.get_weight_norm`: one norm per output channel.
+            norm = (base + delta).norm(p=2, dim=tuple(range(1, base.dim())), keepdim=True).transpose(1, 0)
+            return (magnitude / norm).view(-1, *([1] * (base.dim() - 1)))
+        # `DoraLinearLayer.get_weight_norm`: transpose for Conv1D-style and embedding weights, then row norms.
+        transposed = self.factors.fan_in_fan_out or self.factors.layout == "embedding"
+        combined = (base + delta).T if transposed else base + delta
+        norm = torch.linalg.norm(combined, dim=1).to(combined.dtype)
+        factor = magnitude / norm
+        return factor.view(1, -1) if transposed else factor.view(-1, 1)
+
+    def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        delta = self.delta(weight, ctx)
+        return self._factor(weight, delta, ctx) * (weight + delta)
+
+    def needs_base_to_revert(self) -> bool:
+        return True
+
+    def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
+        from lora_cli.errors import NotRevertibleError
+
+        if base is None:
+            raise NotRevertibleError(
+                f"{self.target} is a DoRA merge; undoing it needs the base weight's norms, which the merged "
+                "checkpoint does not hold",
+                path=self.adapter.ref,
+                fix="pass --base BASE",
+            )
+        delta = self.delta(base, ctx)
+        return merged / self._factor(base, delta, ctx) - delta
+
+    def describe(self) -> str:
+        return f"dora r={self.factors.rank} scale={self.factors.scaling:g}"
+
+
+class LoraBiasEdit(TensorEdit):
+    """`lora_bias=True`: the bias gains lora_B's bias times the scaling."""
+
+    kind = "lora_bias"
+
+    def __init__(self, adapter: Adapter, target: str, key: str, scaling: float) -> None:
+        super().__init__(adapter, target)
+        self.key = key
+        self.scaling = scaling
+
+    def adapter_keys(self) -> list[str]:
+        return [self.key]
+
+    def check(self, shape: Shape) -> str | None:
+        own = self.adapter.weights.shape(self.key)
+        return None if own == shape else f"{self.target}: lora bias {own} vs base {tuple(shape)}"
+
+    def delta(self, ctx: EditContext) -> torch.Tensor:
+        delta = ctx.load(self.key) * self.scaling
+        return delta if self.adapter.weight == 1.0 else delta * self.adapter.weight
+
+    def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        return weight + self.delta(ctx)
+
+    def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
+        return merged - self.delta(ctx)
+
+
+def lora_scaling(adapter: Adapter, module_path: str, rank: int) -> float:
+    """PEFT's `scaling`: alpha / r, or alpha / sqrt(r) with rsLoRA; r and alpha may come from the patterns."""
+    config = adapter.config
+    config_path = adapter.directory / "adapter_config.json"
+    pattern_rank = adapter.pattern_value("rank_pattern", module_path, config.get("r", 8))
+    alpha = adapter.pattern_value("alpha_pattern", module_path, config.get("lora_alpha", 8))
+    if not isinstance(pattern_rank, int) or isinstance(pattern_rank, bool) or pattern_rank <= 0:
+        raise InputError(f"r must be a positive integer, got {pattern_rank!r}", path=config_path)
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
+        raise InputError(f"lora_alpha must be a non-negative number, got {alpha!r}", path=config_path)
+    if pattern_rank != rank:
+        raise InputError(
+            f"{module_path}: config gives r={pattern_rank} but its lora_A has rank {rank}",
+            path=config_path,
+            fix="the config and the weights do not belong together; re-save the adapter",
+        )
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def _factors(adapter: Adapter, module: AdapterModule) -> tuple[LoraFactors, str] | None:
+    params = module.params
+    if "lora_embedding_A" in params and "lora_embedding_B" in params:
+        a_key, b_key, layout = params["lora_embedding_A"], params["lora_embedding_B"], "embedding"
+    elif "lora_A.weight" in params and "lora_B.weight" in params:
+        a_key, b_key = params["lora_A.weight"], params["lora_B.weight"]
+        layout = "conv" if len(adapter.weights.shape(a_key)) > 2 else "linear"
+    else:
+        return None
+    rank = adapter.weights.shape(a_key)[0]
+    factors = LoraFactors(
+        a_key=a_key,
+        b_key=b_key,
+        layout=layout,
+        rank=rank,
+        scaling=lora_scaling(adapter, module.path, rank),
+        fan_in_fan_out=bool(adapter.config.get("fan_in_fan_out")) and layout == "linear",
+    )
+    return factors, f"{module.path}.weight"
+
+
+@register
+class Lora(AdapterKind):
+    peft_type = "LORA"
+    param_roots = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
+
+    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+        edits: list[TensorEdit] = []
+        for module in adapter.modules.values():
+            found = _factors(adapter, module)
+            if found is None:
+                raise InputError(
+                    f"{module.path} has {sorted(module.params)} but not both LoRA factors",
+                    path=adapter.weights.path,
+                    fix="the adapter file is incomplete; re-save it",
+                )
+            factors, target = found
+            magnitude = module.params.get("lora_magnitude_vector") or module.params.get("lora_magnitude_vector.weight")
+            if magnitude is not None:
+                edits.append(DoraEdit(adapter, target, factors, magnitude))
+            else:
+                edits.append(LoraEdit(adapter, target, factors))
+            if "lora_B.bias" in module.params:
+                edits.append(
+                    LoraBiasEdit(adapter, f"{module.path}.bias", module.params["lora_B.bias"], factors.scaling)
+                )
+        return edits

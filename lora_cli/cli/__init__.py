@@ -1,0 +1,1 @@
+"""The `loractl` command line: thin Typer commands over the library."""

@@ -1,0 +1,37 @@
+"""Options shared by several commands, declared once so that they read the same everywhere."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+RevisionOpt = Annotated[
+    str | None, typer.Option("--revision", help="Branch, tag or commit of BASE when it is a Hub repo id.")
+]
+AdapterRevisionOpt = Annotated[
+    str | None,
+    typer.Option("--adapter-revision", help="Branch, tag or commit of the adapter(s) when they are Hub repo ids."),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option("--device", help="Where deltas are computed: auto (CUDA when present), cpu, cuda or cuda:N."),
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Output dtype of floating tensors: auto keeps the base's, or bfloat16, float16, float32.",
+        case_sensitive=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables (for CI).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a traceback on errors.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (atomically, at the end).")]
+MaxShardOpt = Annotated[
+    str | None,
+    typer.Option("--max-shard-size", help="Re-shard the output, e.g. 5GB or 500MB (default: the input's layout)."),
+]
+
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")

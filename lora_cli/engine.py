@@ -1,0 +1,241 @@
+"""Stream a planned checkpoint to disk: copy untouched tensors as bytes, transform edited ones, write atomically.
+
+`merge` and `unmerge` differ only in the transform they hand to `write_plan` (apply the edits, or revert them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_cli.adapters.base import EditContext
+from lora_cli.checkpoint_files import copy_side_files, update_config, write_provenance
+from lora_cli.errors import InputError, NonFiniteError
+from lora_cli.io.atomic import atomic_directory, check_output
+from lora_cli.io.checkpoint import INDEX_FILE
+from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dtype_name
+from lora_cli.io.safetensors_file import read_tensor
+from lora_cli.io.writer import ShardPlan, ShardWriter, plan_shards, write_index
+from lora_cli.memstats import MemoryMonitor
+from lora_cli.plan import MergePlan, PlannedTensor, working_dtype
+from lora_cli.stream import Pipeline
+
+Transform = Callable[[PlannedTensor, torch.Tensor, torch.device], torch.Tensor]
+Progress = Callable[[int], None]
+
+
+@dataclass
+class WriteOptions:
+    device: str = "auto"
+    dtype: str = "auto"
+    max_shard_bytes: int | None = None
+    overwrite: bool = False
+    check_finite: bool = True
+
+
+@dataclass
+class WriteSummary:
+    """What a merge or unmerge did; the CLI renders it as a table or JSON."""
+
+    output: str
+    operation: str
+    tensors_edited: int
+    tensors_copied: int
+    tensors_total: int
+    bytes_written: int
+    files: list[str]
+    seconds: float
+    gb_per_s: float
+    peak_rss_anon_bytes: int
+    peak_rss_file_bytes: int
+    baseline_rss_anon_bytes: int
+    peak_gpu_bytes: int | None
+    device: str
+    dtype: str
+    warnings: list[str] = field(default_factory=list)
+    config_changes: dict[str, object] = field(default_factory=dict)
+    provenance: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class _CopyJob:
+    shard: int
+    names: list[str]
+    source: Path
+    offset: int
+    nbytes: int
+
+
+@dataclass
+class _ComputeJob:
+    shard: int
+    planned: PlannedTensor
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available", fix="use --device cpu")
+    try:
+        return torch.device(requested)
+    except RuntimeError:
+        raise InputError(f"unknown device {requested!r}", fix="use auto, cpu or cuda") from None
+
+
+def apply_edits(planned: PlannedTensor, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Run the tensor through its edits in working precision (at least fp32): rounding happens once, later."""
+    work = working_dtype(planned.source)
+    weight = tensor.to(device=device, dtype=work)
+    for edit in planned.edits:
+        weight = edit.apply(weight, EditContext(edit.adapter, device, work))
+    return weight
+
+
+def _jobs(shards: list[ShardPlan], by_name: dict[str, PlannedTensor]) -> list[_CopyJob | _ComputeJob]:
+    """One job per edited tensor; untouched tensors stored back to back are copied as one byte range."""
+    jobs: list[_CopyJob | _ComputeJob] = []
+    for index, shard in enumerate(shards):
+        for tensor in shard.tensors:
+            planned = by_name[tensor.name]
+            if not planned.is_copy:
+                jobs.append(_ComputeJob(index, planned))
+                continue
+            last = jobs[-1] if jobs else None
+            source = planned.source
+            if (
+                isinstance(last, _CopyJob)
+                and last.shard == index
+                and last.source == source.file
+                and last.offset + last.nbytes == source.offset
+            ):
+                last.names.append(tensor.name)
+                last.nbytes += source.nbytes
+            else:
+                jobs.append(_CopyJob(index, [tensor.name], source.file, source.offset, source.nbytes))
+    return jobs
+
+
+def write_plan(
+    plan: MergePlan,
+    out: Path,
+    transform: Transform,
+    options: WriteOptions,
+    *,
+    operation: str,
+    record: dict[str, object],
+    inputs: list[Path],
+    progress: Progress | None = None,
+) -> WriteSummary:
+    """Write every planned tensor to OUT (atomically), transforming the edited ones on the chosen device."""
+    out = Path(out).expanduser()
+    device = pick_device(options.device)
+    if device.type == "cuda":
+        # TF32 would round the factors' products differently from PEFT's fp32 reference.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.cuda.reset_peak_memory_stats(device)
+    check_output(out, inputs, overwrite=options.overwrite, needed_bytes=plan.output_bytes)
+
+    base = plan.base
+    source_names = [t.source.file.name for t in plan.tensors]
+    shards = plan_shards([t.output for t in plan.tensors], source_names, options.max_shard_bytes)
+    by_name = {t.name: t for t in plan.tensors}
+    jobs = _jobs(shards, by_name)
+    metadata = {"format": "pt", "loractl": operation}
+    started = time.perf_counter()
+
+    def load(job: _CopyJob | _ComputeJob) -> torch.Tensor | None:
+        return read_tensor(job.planned.source) if isinstance(job, _ComputeJob) else None
+
+    def compute(job: _CopyJob | _ComputeJob, raw: torch.Tensor | None) -> torch.Tensor | None:
+        if isinstance(job, _CopyJob):
+            return None
+        planned = job.planned
+        target = SAFETENSORS_TO_TORCH[planned.output.dtype]
+        result = transform(planned, raw, device) if planned.edits else raw
+        result = result.to(dtype=target)
+        if options.check_finite and result.is_floating_point() and not bool(torch.isfinite(result).all()):
+            culprits = ", ".join(sorted({e.adapter.label for e in planned.edits})) or "the base"
+            raise NonFiniteError(
+                f"merged tensor {planned.name} holds NaN or Inf",
+                path=culprits,
+                fix="the adapter is broken for this base (or overflows the output dtype; try --dtype float32)",
+            )
+        return result.cpu()
+
+    with MemoryMonitor(keep_timeline=False) as memory, atomic_directory(out, overwrite=options.overwrite) as tmp:
+        memory.phase = "write"
+        writers: list[ShardWriter] = []
+
+        def sink(job: _CopyJob | _ComputeJob, result: torch.Tensor | None) -> None:
+            if len(writers) <= job.shard:
+                if writers:
+                    writers[-1].close()
+                shard = shards[job.shard]
+                writers.append(ShardWriter(tmp / shard.filename, shard, metadata))
+            writer = writers[-1]
+            if isinstance(job, _CopyJob):
+                written = writer.copy_tensors(job.names, job.source, job.offset, job.nbytes)
+            else:
+                written = writer.write_tensor(job.planned.name, result)
+            if progress is not None:
+                progress(written)
+
+        try:
+            Pipeline(load, compute, sink).run(jobs)
+            if writers:
+                writers[-1].close()
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
+        if len(shards) > 1 or (base.directory / INDEX_FILE).exists():
+            write_index(tmp, shards)
+        copy_side_files(base.directory, tmp)
+        new_dtype = None if options.dtype == "auto" else options.dtype
+        config_changes = update_config(tmp, dtype=new_dtype, vocab_size=plan.vocab_size, untie=bool(plan.untied))
+        seconds = time.perf_counter() - started
+        provenance = write_provenance(
+            tmp,
+            {
+                "operation": operation,
+                **record,
+                "device": str(device),
+                "dtype": options.dtype,
+                "tensors_edited": [t.name for t in plan.edited],
+                "config_changes": config_changes,
+            },
+        )
+    written = plan.output_bytes
+    return WriteSummary(
+        output=str(out),
+        operation=operation,
+        tensors_edited=len(plan.edited),
+        tensors_copied=len(plan.tensors) - len(plan.edited),
+        tensors_total=len(plan.tensors),
+        bytes_written=written,
+        files=[s.filename for s in shards],
+        seconds=seconds,
+        gb_per_s=written / seconds / 1e9 if seconds > 0 else 0.0,
+        peak_rss_anon_bytes=memory.peak_anon,
+        peak_rss_file_bytes=memory.peak_file,
+        baseline_rss_anon_bytes=memory.baseline_anon,
+        peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        device=str(device),
+        dtype=options.dtype if options.dtype != "auto" else _dominant_dtype(plan),
+        warnings=list(plan.warnings),
+        config_changes=config_changes,
+        provenance=provenance,
+    )
+
+
+def _dominant_dtype(plan: MergePlan) -> str:
+    sizes: dict[str, int] = {}
+    for tensor in plan.tensors:
+        sizes[tensor.output.dtype] = sizes.get(tensor.output.dtype, 0) + tensor.output.nbytes
+    return dtype_name(SAFETENSORS_TO_TORCH[max(sizes, key=sizes.__getitem__)]) if sizes else "none"

@@ -1,0 +1,126 @@
+"""Where the tensors of a checkpoint folder are: one file, an indexed set of shards, or a bare state dict."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_cli.errors import InputError
+from lora_cli.io.safetensors_file import SafetensorsFile, TensorInfo, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass(frozen=True)
+class CheckpointIndex:
+    """Every tensor of a checkpoint, in file order, with the shard it lives in."""
+
+    directory: Path
+    shards: list[SafetensorsFile]
+    tensors: dict[str, TensorInfo]
+    index_metadata: dict[str, object]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(shard.size for shard in self.shards)
+
+    def shard_of(self, name: str) -> SafetensorsFile:
+        file = self.tensors[name].file
+        return next(shard for shard in self.shards if shard.path == file)
+
+    def config(self) -> dict | None:
+        """config.json when present (a plain state-dict folder has none)."""
+        path = self.directory / "config.json"
+        return read_json(path) if path.exists() else None
+
+
+def read_json(path: Path) -> dict:
+    """Load a JSON object, turning every failure into one clear line naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("file not found", path=path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"is not valid JSON ({exc})", path=path, fix="repair or re-download the file") from None
+    if not isinstance(data, dict):
+        raise InputError("must hold a JSON object", path=path, fix="repair or re-download the file")
+    return data
+
+
+def open_checkpoint(directory: Path) -> CheckpointIndex:
+    """Index a checkpoint folder, checking that the index and the shards agree."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError("is not a folder", path=directory, fix="pass a checkpoint folder or a Hub repo id")
+    index_path = directory / INDEX_FILE
+    if index_path.exists():
+        return _open_indexed(directory, index_path)
+    if (directory / SINGLE_FILE).exists():
+        return _collect(directory, [directory / SINGLE_FILE], {})
+    candidates = sorted(p for p in directory.glob("*.safetensors") if p.name not in ADAPTER_FILES)
+    if candidates:
+        return _collect(directory, candidates, {})
+    if any((directory / name).exists() for name in ADAPTER_FILES):
+        raise InputError(
+            "holds a PEFT adapter, not a model checkpoint",
+            path=directory,
+            fix="pass the base model first and the adapter second",
+        )
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise InputError(
+            f"holds only pickle weights ({', '.join(pickles[:3])}), no safetensors",
+            path=directory,
+            fix="loractl never unpickles model weights; save the model with safe_serialization (safetensors)",
+        )
+    raise InputError("holds no .safetensors file", path=directory, fix="pass a folder with model.safetensors")
+
+
+def _open_indexed(directory: Path, index_path: Path) -> CheckpointIndex:
+    index = read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError("has no valid weight_map", path=index_path, fix="repair or re-download the index")
+    shard_names = list(dict.fromkeys(weight_map.values()))
+    for name in shard_names:
+        if Path(name).name != name:
+            raise InputError(f"names a shard outside the folder: {name!r}", path=index_path)
+        if not (directory / name).exists():
+            raise InputError(
+                f"names shard {name} which is missing",
+                path=index_path,
+                fix="download the missing shard, or re-download the checkpoint",
+            )
+    checkpoint = _collect(directory, [directory / name for name in shard_names], index.get("metadata") or {})
+    for tensor, shard in weight_map.items():
+        info = checkpoint.tensors.get(tensor)
+        if info is None or info.file.name != shard:
+            raise InputError(
+                f"maps tensor {tensor!r} to {shard}, which does not hold it",
+                path=index_path,
+                fix="the index and the shards are from different checkpoints; re-download them together",
+            )
+    return checkpoint
+
+
+def _collect(directory: Path, files: list[Path], index_metadata: dict) -> CheckpointIndex:
+    shards = [read_header(path) for path in files]
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for name, info in shard.tensors.items():
+            if name in tensors:
+                raise InputError(
+                    f"tensor {name!r} is stored in both {tensors[name].file.name} and {shard.path.name}",
+                    path=directory,
+                    fix="a checkpoint must hold each tensor once; re-export it",
+                )
+            tensors[name] = info
+    return CheckpointIndex(directory=directory, shards=shards, tensors=tensors, index_metadata=dict(index_metadata))

@@ -1,0 +1,24 @@
+"""Error in units in the last place, counted the honest way for merges.
+
+A merged value W + delta is rounded at its own magnitude, so an error is only meaningful in ulps of the larger
+of the two values compared: counted at a value near zero, one rounding step of a large neighbour looks like
+thousands of ulps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """|a - b| in ulps of `dtype` (default a's) at max(|a|, |b|), as float64."""
+    dtype = dtype or a.dtype
+    info = torch.finfo(dtype)
+    a64, b64 = a.double(), b.double()
+    larger = torch.maximum(a64.abs(), b64.abs()).clamp_min(info.smallest_normal)
+    ulp = torch.pow(2.0, torch.floor(torch.log2(larger))) * info.eps
+    return (a64 - b64).abs() / ulp
+
+
+def max_ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> float:
+    return float(ulps(a, b, dtype).max()) if a.numel() else 0.0

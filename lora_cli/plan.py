@@ -1,0 +1,204 @@
+"""Map a list of adapters onto a base checkpoint: which edits land on which tensor, and what gets written.
+
+Everything that can be wrong with the pairing (a target missing from the base, a shape that does not fit, an
+adapter for another model) is found here, before a byte is written. Merge and unmerge share this plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lora_cli.adapters.base import Adapter, Shape, TensorEdit, kind_for
+from lora_cli.adapters.common import FullTensorEdit, TokenRowsEdit, shared_edits
+from lora_cli.errors import AdapterMismatchError, InputError
+from lora_cli.io.checkpoint import CheckpointIndex
+from lora_cli.io.dtypes import NAMED_DTYPES, TORCH_TO_SAFETENSORS, is_float
+from lora_cli.io.safetensors_file import TensorInfo
+from lora_cli.io.writer import OutputTensor
+
+# Names of input embeddings that an output head may be tied to, across common architectures.
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
+HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+# transformers prefixes the backbone differently in task heads and bare models; adapters follow the head.
+PREFIXES = ("model.", "transformer.", "base_model.")
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: where its input bytes come from and the edits applied to them, in order."""
+
+    name: str
+    source: TensorInfo
+    edits: list[TensorEdit]
+    output: OutputTensor
+
+    @property
+    def is_copy(self) -> bool:
+        return not self.edits and self.output.dtype == self.source.dtype
+
+
+@dataclass
+class MergePlan:
+    base: CheckpointIndex
+    adapters: list[Adapter]
+    tensors: list[PlannedTensor]
+    untied: list[str] = field(default_factory=list)
+    vocab_size: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def edited(self) -> list[PlannedTensor]:
+        return [t for t in self.tensors if t.edits]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.output.nbytes for t in self.tensors)
+
+
+def resolve_target(name: str, names: set[str]) -> str | None:
+    """The base tensor an adapter target names, allowing for a head's backbone prefix present or absent."""
+    if name in names:
+        return name
+    for prefix in PREFIXES:
+        if name.startswith(prefix) and name[len(prefix) :] in names:
+            return name[len(prefix) :]
+        if prefix + name in names:
+            return prefix + name
+    return None
+
+
+def is_tied(config: dict | None) -> bool:
+    if not config:
+        return False
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
+
+
+def output_dtype(info: TensorInfo, requested: str) -> str:
+    """`auto` keeps each tensor's dtype; a named dtype converts floating tensors and leaves integer ones."""
+    if requested == "auto" or not is_float(info.dtype):
+        return info.dtype
+    return TORCH_TO_SAFETENSORS[NAMED_DTYPES[requested]]
+
+
+def collect_edits(adapters: list[Adapter], base: CheckpointIndex) -> list[TensorEdit]:
+    names = set(base.tensors)
+
+    def base_shape(name: str) -> Shape | None:
+        found = resolve_target(name, names)
+        return base.tensors[found].shape if found else None
+
+    edits: list[TensorEdit] = []
+    for adapter in adapters:
+        edits.extend(shared_edits(adapter))
+        edits.extend(kind_for(adapter).edits(adapter, base_shape))
+    return edits
+
+
+def build_plan(base: CheckpointIndex, adapters: list[Adapter], *, dtype: str = "auto") -> MergePlan:
+    """Attach every edit to its base tensor, untie a tied head the adapters change, and check every shape."""
+    names = set(base.tensors)
+    config = base.config()
+    plan = MergePlan(base=base, adapters=adapters, tensors=[])
+    by_target: dict[str, list[TensorEdit]] = {}
+    missing: list[str] = []
+    edits = collect_edits(adapters, base)
+    for edit in edits:
+        target = resolve_target(edit.target, names)
+        if target is None and edit.target.endswith(HEAD_NAMES) and is_tied(config):
+            target = edit.target  # a tied head: `_untie_head` gives it a tensor of its own
+        if target is None:
+            missing.append(edit.target)
+            continue
+        by_target.setdefault(target, []).append(edit)
+
+    extra = _untie_head(plan, by_target, names, config, missing)
+    if missing:
+        raise _mismatch(adapters, base, missing, "name tensors the base does not have")
+
+    misfits: list[str] = []
+    for name, info in [*base.tensors.items(), *extra.items()]:
+        chain = by_target.get(name, [])
+        shape = info.shape
+        for edit in chain:
+            problem = edit.check(shape)
+            if problem:
+                misfits.append(problem)
+                break
+            shape = edit.output_shape(shape)
+        if chain and not is_float(info.dtype):
+            raise InputError(f"adapter targets {name}, a {info.dtype} tensor", path=info.file)
+        out = OutputTensor(name, output_dtype(info, dtype), tuple(shape))
+        plan.tensors.append(PlannedTensor(name, info, chain, out))
+        if chain and shape[0] != info.shape[0] and name.endswith((*EMBEDDING_SUFFIXES, *HEAD_NAMES)):
+            plan.vocab_size = max(plan.vocab_size or 0, shape[0])
+    if misfits:
+        raise _mismatch(adapters, base, misfits, "do not fit the base's shapes")
+    _order_extras(plan, extra)
+    return plan
+
+
+def _ties_along(edit: TensorEdit) -> bool:
+    """Edits PEFT applies to a tied embedding and head alike: token rows, and the base copy of a resized vocab."""
+    return isinstance(edit, TokenRowsEdit) or (isinstance(edit, FullTensorEdit) and edit.origin == "base_layer")
+
+
+def _untie_head(
+    plan: MergePlan, by_target: dict[str, list[TensorEdit]], names: set[str], config: dict | None, missing: list[str]
+) -> dict[str, TensorInfo]:
+    """Give a tied head its own tensor when the adapters change the head or the embedding differently.
+
+    The unmerged model computes logits with the head's own weight (plus the head's LoRA, if any) and looks up
+    inputs with the embedding's; merging into the one shared tensor, as PEFT does, would change both. So the
+    head is written from the embedding's base with only the edits the two share, and the config is untied.
+    """
+    if not is_tied(config):
+        return {}
+    embedding = next((n for n in names if n.endswith(EMBEDDING_SUFFIXES)), None)
+    heads = [t for t in by_target if t not in names]
+    if embedding is None:
+        missing.extend(heads)
+        return {}
+    embedding_own = [e for e in by_target.get(embedding, []) if not _ties_along(e)]
+    if not heads and embedding_own and not any(h in names for h in HEAD_NAMES):
+        heads = [HEAD_NAMES[0]]
+    extra: dict[str, TensorInfo] = {}
+    for head in heads:
+        shared = [e for e in by_target.get(embedding, []) if _ties_along(e)]
+        by_target[head] = shared + by_target.get(head, [])
+        extra[head] = plan.base.tensors[embedding]
+        plan.untied.append(head)
+    if heads:
+        plan.warnings.append(
+            f"the adapter changes {embedding} or {', '.join(heads)}, which the base ties together: both are written "
+            "and tie_word_embeddings is set to false, so the merged model computes what the adapter did"
+        )
+    return extra
+
+
+def _order_extras(plan: MergePlan, extra: dict[str, TensorInfo]) -> None:
+    """Untied heads are written right after the embedding they were tied to, in the same shard."""
+    for head, embedding in extra.items():
+        head_entry = next(t for t in plan.tensors if t.name == head)
+        plan.tensors.remove(head_entry)
+        at = next(i for i, t in enumerate(plan.tensors) if t.name == embedding.name)
+        plan.tensors.insert(at + 1, head_entry)
+
+
+def _mismatch(adapters: list[Adapter], base: CheckpointIndex, problems: list[str], what: str) -> AdapterMismatchError:
+    sample = "; ".join(problems[:3])
+    more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+    trained_on = {a.config.get("base_model_name_or_path") for a in adapters} - {None, ""}
+    origin = f" (it was trained on {', '.join(sorted(map(str, trained_on)))})" if trained_on else ""
+    return AdapterMismatchError(
+        f"{len(problems)} adapter tensors {what}: {sample}{more}",
+        path=", ".join(a.ref for a in adapters),
+        fix=f"is this adapter for another base model{origin}? pass the base it was trained on",
+    )
+
+
+def working_dtype(info: TensorInfo) -> torch.dtype:
+    """At least fp32; fp64 bases keep fp64."""
+    return torch.float64 if info.dtype == "F64" else torch.float32
