@@ -10,15 +10,26 @@ from __future__ import annotations
 import torch
 
 
-def ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """|a - b| in ulps of `dtype` (default a's) at max(|a|, |b|), as float64."""
+def ulps(
+    a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None, at: torch.Tensor | None = None
+) -> torch.Tensor:
+    """|a - b| in ulps of `dtype` (default a's) at max(|a|, |b|, |at|), as float64.
+
+    `at` adds the operands' magnitudes: for W + delta, a rounding of the delta is an error of its own size,
+    which can be many ulps of a result that nearly cancelled.
+    """
     dtype = dtype or a.dtype
     info = torch.finfo(dtype)
     a64, b64 = a.double(), b.double()
-    larger = torch.maximum(a64.abs(), b64.abs()).clamp_min(info.smallest_normal)
+    larger = torch.maximum(a64.abs(), b64.abs())
+    if at is not None:
+        larger = torch.maximum(larger, at.double().abs())
+    larger = larger.clamp_min(info.smallest_normal)
     ulp = torch.pow(2.0, torch.floor(torch.log2(larger))) * info.eps
     return (a64 - b64).abs() / ulp
 
 
-def max_ulps(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> float:
-    return float(ulps(a, b, dtype).max()) if a.numel() else 0.0
+def max_ulps(
+    a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None, at: torch.Tensor | None = None
+) -> float:
+    return float(ulps(a, b, dtype, at).max()) if a.numel() else 0.0

@@ -55,7 +55,7 @@ MODEL_SIDE_PATTERNS = (
 ROOT_ONLY = ["*/*"]
 
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
-_LOGIN_FIX = "log in with `hf auth login` or set HF_TOKEN (and accept the model's terms on its page if gated)"
+_LOGIN_FIX = "log in with `hf auth login` or set HF_TOKEN, and accept the model's terms on its Hub page if it is gated"
 # EDQUOT is missing on some platforms.
 _CACHE_WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _ROLE_NAMES = {"base": "base model", "adapter": "adapter", "checkpoint": "checkpoint"}
@@ -99,7 +99,7 @@ def resolve(ref: str, *, role: Role, revision: str | None = None) -> ResolvedSou
         ) from None
 
     try:
-        folder = _fetch_adapter(ref, revision) if role == "adapter" else _fetch_model(ref, revision, role)
+        folder = _fetch_adapter(ref, revision) if role == "adapter" else _fetch_model(ref, revision)
     except InputError:
         raise
     except Exception as exc:
@@ -120,7 +120,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=ROOT_ONLY))
 
 
-def _fetch_model(repo_id: str, revision: str | None, role: Role) -> Path:
+def _fetch_model(repo_id: str, revision: str | None) -> Path:
     """Fetch configs and tokenizer first, then only the safetensors shards the index names (or all, if no index)."""
     folder = _snapshot(repo_id, revision, list(MODEL_SIDE_PATTERNS))
     # Pin the second call to the commit the first one resolved, so a branch moving in between cannot mix revisions.
@@ -128,14 +128,13 @@ def _fetch_model(repo_id: str, revision: str | None, role: Role) -> Path:
     index = folder / INDEX_FILE
     if index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weights = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise InputError(
                 f"{INDEX_FILE} is not a valid safetensors index",
                 path=f"{repo_id}/{INDEX_FILE}",
                 fix="fix or re-upload the index in the repo, or pass a local folder",
             ) from None
-        weights = shards
     else:
         weights = ["*.safetensors"]
     folder = _snapshot(repo_id, pinned, weights)
@@ -167,7 +166,7 @@ def _fetch_adapter(repo_id: str, revision: str | None) -> Path:
         raise InputError(
             f"Hub repo has no {ADAPTER_CONFIG} at {_rev(revision)}, so it is not a PEFT adapter",
             path=repo_id,
-            fix="pass the adapter's repo id (not the base model's) or a local adapter folder",
+            fix="pass the adapter's repo id, not the base model's, or a local adapter folder",
         )
     if not (folder / ADAPTER_SAFETENSORS).is_file() and not (folder / ADAPTER_PICKLE).is_file():
         raise InputError(
@@ -205,16 +204,18 @@ def _map_hub_error(exc: Exception, repo_id: str, revision: str | None) -> InputE
                 path=where,
                 fix=f"check the repo id; if it is private or gated, {_LOGIN_FIX}",
             )
+        # A bare name may be a mistyped local folder as much as a repo id.
+        also = "" if "/" in repo_id else ", and there is no local folder of that name"
         return InputError(
-            "Hub repo not found",
+            f"Hub repo not found{also}",
             path=where,
-            fix="check the repo id, or log in if it is private (hf auth login / HF_TOKEN)",
+            fix="check the repo id, or log in if it is private: `hf auth login` or HF_TOKEN",
         )
     if isinstance(exc, HfHubHTTPError):
         status = _status(exc)
         if status in (401, 403):
             return InputError(
-                f"the Hub refused access (HTTP {status}); your token is missing, invalid or lacks permission",
+                f"the Hub refused access with HTTP {status}: the token is missing, invalid or lacks permission",
                 path=where,
                 fix=_LOGIN_FIX,
             )
@@ -226,36 +227,37 @@ def _map_hub_error(exc: Exception, repo_id: str, revision: str | None) -> InputE
     if isinstance(exc, IncompleteSnapshotError):
         why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the Hub cannot be reached"
         return InputError(
-            f"the cached copy is incomplete (an earlier download was interrupted?) and {why}",
+            f"the cached copy is incomplete, likely from an interrupted download, and {why}",
             path=where,
             fix="run once online to complete it, or pass a local folder",
         )
     if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
         if constants.is_offline_mode():
             return InputError(
-                "not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+                "not in the local Hugging Face cache, or only partly, and HF_HUB_OFFLINE is set",
                 path=where,
                 fix=f"unset HF_HUB_OFFLINE and {offline_fix}",
             )
         return InputError(
-            f"not in the local Hugging Face cache and the Hub ({constants.ENDPOINT}) cannot be reached",
+            f"not in the local Hugging Face cache, or only partly, and the Hub at {constants.ENDPOINT} "
+            "cannot be reached",
             path=where,
             fix=f"check your network and HF_ENDPOINT, {offline_fix}",
         )
     if isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException)):
         return InputError(
-            f"lost the connection to the Hub ({constants.ENDPOINT}) while downloading",
+            f"lost the connection to the Hub at {constants.ENDPOINT} while downloading",
             path=where,
             fix=f"check your network, then {interrupted_fix}",
         )
     if isinstance(exc, httpx2.TransportError):
         return InputError(
-            "the download was interrupted (the connection dropped mid-file)", path=where, fix=interrupted_fix
+            "the download was interrupted: the connection dropped mid-file", path=where, fix=interrupted_fix
         )
     if isinstance(exc, OSError):
         if "Consistency check failed" in str(exc):
             return InputError(
-                "a downloaded file came out truncated (the download was interrupted)", path=where, fix=interrupted_fix
+                "the download was interrupted: a file came out truncated", path=where, fix=interrupted_fix
             )
         if exc.errno in _CACHE_WRITE_ERRNOS:
             return InputError(
