@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lora_cli.engine import WriteOptions, WriteSummary
+from lora_cli.engine import Progress, WriteOptions, WriteSummary
 from lora_cli.merge import AdapterSpec, local_source, merge
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -93,8 +93,12 @@ def logits_with_runtime_lora(model: torch.nn.Module, factors: dict, inputs: torc
             hook.remove()
 
 
-def run_demo(workdir: Path, options: WriteOptions | None = None, progress=None) -> DemoResult:
+def run_demo(workdir: Path, options: WriteOptions | None = None, progress: Progress | None = None) -> DemoResult:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    # transformers draws its own bars while saving and loading; ours is the one that matters here.
+    transformers_logging.disable_progress_bar()
 
     base_dir, adapter_dir, merged_dir = workdir / "base", workdir / "adapter", workdir / "merged"
     model = build_base(base_dir)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.adapters.base import EditContext
+from lora_cli.adapters.base import EditContext, Workspace
 from lora_cli.checkpoint_files import copy_side_files, update_config, write_provenance
 from lora_cli.errors import InputError, NonFiniteError
 from lora_cli.io.atomic import atomic_directory, check_output
@@ -23,8 +23,11 @@ from lora_cli.io.writer import ShardPlan, ShardWriter, plan_shards, write_index
 from lora_cli.memstats import MemoryMonitor
 from lora_cli.plan import MergePlan, PlannedTensor, working_dtype
 from lora_cli.stream import Pipeline
+from lora_cli.verify import TensorDigests, VerifyReport, verify_written
 
-Transform = Callable[[PlannedTensor, torch.Tensor, torch.device], torch.Tensor]
+# (planned tensor, input as stored, device, workspace, output buffer) -> the result: either the output buffer,
+# already written, or a working-precision tensor the engine rounds into it.
+Transform = Callable[[PlannedTensor, torch.Tensor, torch.device, Workspace, torch.Tensor], torch.Tensor]
 Progress = Callable[[int], None]
 
 
@@ -35,6 +38,7 @@ class WriteOptions:
     max_shard_bytes: int | None = None
     overwrite: bool = False
     check_finite: bool = True
+    verify: bool = False  # re-read and checksum every written tensor, and write SHA256SUMS (lora_cli/verify.py)
 
 
 @dataclass
@@ -56,9 +60,11 @@ class WriteSummary:
     peak_gpu_bytes: int | None
     device: str
     dtype: str
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     config_changes: dict[str, object] = field(default_factory=dict)
     provenance: dict[str, object] = field(default_factory=dict)
+    verification: VerifyReport | None = None
 
 
 @dataclass
@@ -87,13 +93,98 @@ def pick_device(requested: str) -> torch.device:
         raise InputError(f"unknown device {requested!r}", fix="use auto, cpu or cuda") from None
 
 
-def apply_edits(planned: PlannedTensor, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Run the tensor through its edits in working precision (at least fp32): rounding happens once, later."""
+def working_copy(
+    planned: PlannedTensor, tensor: torch.Tensor, device: torch.device, workspace: Workspace
+) -> torch.Tensor:
+    """The input in working precision (at least fp32) on the device, in a reused buffer."""
+    return workspace.take("weight", tuple(tensor.shape), working_dtype(planned.source), device).copy_(tensor)
+
+
+# Rows per fused chunk: about 1 MiB of fp32, so the working copy of a chunk stays in cache.
+FUSED_CHUNK_ELEMENTS = 1 << 18
+
+
+def apply_edits(
+    planned: PlannedTensor,
+    tensor: torch.Tensor,
+    device: torch.device,
+    workspace: Workspace,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the tensor through its edits in working precision; rounding to the output dtype happens once.
+
+    Given `out` (the output buffer) and only additive edits, W + delta is formed chunk by chunk straight into
+    `out`: the same per-element operations and rounding, without a weight-sized fp32 copy. Else the edits run
+    on a full working copy, which is returned for the caller to round.
+    """
     work = working_dtype(planned.source)
-    weight = tensor.to(device=device, dtype=work)
+    if out is not None and out.device.type == "cpu" and tensor.shape == out.shape:
+        deltas = _additive_deltas(planned, tuple(tensor.shape), device, work, workspace)
+        if deltas is not None:
+            return _add_in_chunks(tensor, deltas, out, work)
+    weight = working_copy(planned, tensor, device, workspace)
     for edit in planned.edits:
-        weight = edit.apply(weight, EditContext(edit.adapter, device, work))
+        weight = edit.apply(weight, EditContext(edit.adapter, device, work, workspace))
     return weight
+
+
+def _additive_deltas(
+    planned: PlannedTensor, shape: tuple[int, ...], device: torch.device, work: torch.dtype, workspace: Workspace
+) -> list[torch.Tensor] | None:
+    deltas: list[torch.Tensor] = []
+    for edit in planned.edits:
+        # Each edit may reuse the same scratch buffer: copy the previous delta before the next one overwrites it.
+        if deltas:
+            deltas[-1] = deltas[-1].clone()
+        delta = edit.additive_delta(shape, EditContext(edit.adapter, device, work, workspace))
+        if delta is None:
+            return None
+        deltas.append(delta)
+    return deltas
+
+
+def _add_in_chunks(
+    tensor: torch.Tensor, deltas: list[torch.Tensor], out: torch.Tensor, work: torch.dtype
+) -> torch.Tensor:
+    """out = round(((W + d1) + d2) ...) computed in `work` precision, a block of rows at a time."""
+    rows = tensor.shape[0] if tensor.dim() else 1
+    per_row = max(tensor.numel() // max(rows, 1), 1)
+    step = max(FUSED_CHUNK_ELEMENTS // per_row, 1)
+    if tensor.dim() == 0:
+        tensor, out, deltas = tensor.view(1), out.view(1), [d.view(1) for d in deltas]
+    for start in range(0, rows, step):
+        block = tensor[start : start + step].to(work)
+        for delta in deltas:
+            block.add_(delta[start : start + step])
+        out[start : start + step].copy_(block)
+    return out
+
+
+class _OutputRing:
+    """Output buffers reused in turn, so that no tensor-sized allocation happens per tensor.
+
+    With the pipeline's queues of one, while tensor k is computed, k-1 waits in the queue and k-2 may still be
+    written (k-3 was written before k-1 could be queued): three buffers are never overwritten while in use.
+    """
+
+    SIZE = 3
+
+    def __init__(self, workspace: Workspace) -> None:
+        self.workspace = workspace
+        self.turn = 0
+
+    def next(self, planned: PlannedTensor, device: torch.device) -> torch.Tensor:
+        self.turn = (self.turn + 1) % self.SIZE
+        dtype = SAFETENSORS_TO_TORCH[planned.output.dtype]
+        return self.workspace.take(f"output{self.turn}", planned.output.shape, dtype, device)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """NaN and Inf show up in the min or the max (both propagate NaN); one pass, much cheaper than isfinite()."""
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _jobs(shards: list[ShardPlan], by_name: dict[str, PlannedTensor]) -> list[_CopyJob | _ComputeJob]:
@@ -148,6 +239,8 @@ def write_plan(
     jobs = _jobs(shards, by_name)
     metadata = {"format": "pt", "loractl": operation}
     started = time.perf_counter()
+    workspace = Workspace()
+    outputs = _OutputRing(workspace)
 
     def load(job: _CopyJob | _ComputeJob) -> torch.Tensor | None:
         return read_tensor(job.planned.source) if isinstance(job, _ComputeJob) else None
@@ -156,18 +249,22 @@ def write_plan(
         if isinstance(job, _CopyJob):
             return None
         planned = job.planned
-        target = SAFETENSORS_TO_TORCH[planned.output.dtype]
-        result = transform(planned, raw, device) if planned.edits else raw
-        result = result.to(dtype=target)
-        if options.check_finite and result.is_floating_point() and not bool(torch.isfinite(result).all()):
-            culprits = ", ".join(sorted({e.adapter.label for e in planned.edits})) or "the base"
+        if not planned.edits:
+            return raw.to(SAFETENSORS_TO_TORCH[planned.output.dtype])
+        output = outputs.next(planned, device)
+        result = transform(planned, raw, device, workspace, output)
+        if result is not output:
+            output.copy_(result)  # the one rounding to the output dtype
+        if options.check_finite and not all_finite(output):
+            culprits = ", ".join(sorted({e.adapter.label for e in planned.edits}))
             raise NonFiniteError(
                 f"merged tensor {planned.name} holds NaN or Inf",
                 path=culprits,
                 fix="the adapter is broken for this base (or overflows the output dtype; try --dtype float32)",
             )
-        return result.cpu()
+        return output.cpu()
 
+    digests = TensorDigests() if options.verify else None
     with MemoryMonitor(keep_timeline=False) as memory, atomic_directory(out, overwrite=options.overwrite) as tmp:
         memory.phase = "write"
         writers: list[ShardWriter] = []
@@ -177,7 +274,7 @@ def write_plan(
                 if writers:
                     writers[-1].close()
                 shard = shards[job.shard]
-                writers.append(ShardWriter(tmp / shard.filename, shard, metadata))
+                writers.append(ShardWriter(tmp / shard.filename, shard, metadata, digests))
             writer = writers[-1]
             if isinstance(job, _CopyJob):
                 written = writer.copy_tensors(job.names, job.source, job.offset, job.nbytes)
@@ -186,8 +283,9 @@ def write_plan(
             if progress is not None:
                 progress(written)
 
+        pipeline = Pipeline(load, compute, sink)
         try:
-            Pipeline(load, compute, sink).run(jobs)
+            pipeline.run(jobs)
             if writers:
                 writers[-1].close()
         except BaseException:
@@ -211,6 +309,8 @@ def write_plan(
                 "config_changes": config_changes,
             },
         )
+        # Inside the atomic block: a checkpoint that fails verification never appears as OUT.
+        verification = verify_written(tmp, _planned_headers(shards), digests) if digests is not None else None
     written = plan.output_bytes
     return WriteSummary(
         output=str(out),
@@ -228,10 +328,16 @@ def write_plan(
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         device=str(device),
         dtype=options.dtype if options.dtype != "auto" else _dominant_dtype(plan),
+        stage_seconds={k: round(v, 3) for k, v in pipeline.busy.items()},
         warnings=list(plan.warnings),
         config_changes=config_changes,
         provenance=provenance,
+        verification=verification,
     )
+
+
+def _planned_headers(shards: list[ShardPlan]) -> list[tuple[str, list[tuple[str, str, tuple[int, ...]]]]]:
+    return [(s.filename, [(t.name, t.dtype, tuple(t.shape)) for t in s.tensors]) for s in shards]
 
 
 def _dominant_dtype(plan: MergePlan) -> str:

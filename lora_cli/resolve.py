@@ -13,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import httpx2
+try:  # huggingface_hub 2.x speaks through httpx2, 1.x through httpx
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+    import httpx  # type: ignore[no-redef]
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import (
     DisabledRepoError,
@@ -182,7 +185,7 @@ def _rev(revision: str | None) -> str:
 
 
 def _map_hub_error(exc: Exception, repo_id: str, revision: str | None) -> InputError | None:
-    """Translate a `huggingface_hub`/httpx2 failure into one actionable line; None for errors we do not know."""
+    """Translate a `huggingface_hub`/httpx failure into one actionable line; None for errors we do not know."""
     where = repo_id if revision is None else f"{repo_id}@{revision}"
     offline_fix = "run once online to download it, or pass a local folder"
     interrupted_fix = "re-run the command to resume: files already downloaded are kept in the Hugging Face cache"
@@ -244,13 +247,13 @@ def _map_hub_error(exc: Exception, repo_id: str, revision: str | None) -> InputE
             path=where,
             fix=f"check your network and HF_ENDPOINT, {offline_fix}",
         )
-    if isinstance(exc, (httpx2.ConnectError, httpx2.TimeoutException)):
+    if isinstance(exc, (httpx.ConnectError, httpx.TimeoutException)):
         return InputError(
             f"lost the connection to the Hub at {constants.ENDPOINT} while downloading",
             path=where,
             fix=f"check your network, then {interrupted_fix}",
         )
-    if isinstance(exc, httpx2.TransportError):
+    if isinstance(exc, httpx.TransportError):
         return InputError(
             "the download was interrupted: the connection dropped mid-file", path=where, fix=interrupted_fix
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
@@ -36,6 +37,11 @@ class Pipeline(Generic[Job, Loaded, Result]):
         self.load, self.compute, self.sink, self.depth = load, compute, sink, depth
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        # Seconds each stage spent working (not waiting): the largest one is the bottleneck.
+        self.busy: dict[str, float] = {"read": 0.0, "compute": 0.0, "write": 0.0}
+        # The reader may not start loading an item until there is room for it: at most `depth` loaded items
+        # exist besides the one being computed, so memory holds depth + 1 inputs, not depth + 2.
+        self._room = threading.Semaphore(depth)
 
     def _put(self, q: queue.Queue, item: object) -> None:
         while True:
@@ -68,7 +74,14 @@ class Pipeline(Generic[Job, Loaded, Result]):
         def reader() -> None:
             try:
                 for job in jobs:
-                    self._put(loaded_q, (job, self.load(job)))
+                    while not self._room.acquire(timeout=0.1):
+                        if self._stop.is_set():
+                            raise _Stop
+                    started = time.perf_counter()
+                    loaded = self.load(job)
+                    self.busy["read"] += time.perf_counter() - started
+                    self._put(loaded_q, (job, loaded))
+                    del loaded
                 self._put(loaded_q, _DONE)
             except _Stop:
                 pass
@@ -79,7 +92,9 @@ class Pipeline(Generic[Job, Loaded, Result]):
             try:
                 while (item := self._get(result_q)) is not _DONE:
                     job, result = item  # type: ignore[misc]
+                    started = time.perf_counter()
                     self.sink(job, result)
+                    self.busy["write"] += time.perf_counter() - started
             except _Stop:
                 pass
             except BaseException as exc:  # handed to the main thread
@@ -91,7 +106,10 @@ class Pipeline(Generic[Job, Loaded, Result]):
         try:
             while (item := self._get(loaded_q)) is not _DONE:
                 job, loaded = item  # type: ignore[misc]
+                self._room.release()
+                started = time.perf_counter()
                 result = self.compute(job, loaded)
+                self.busy["compute"] += time.perf_counter() - started
                 del loaded, item
                 self._put(result_q, (job, result))
                 del result

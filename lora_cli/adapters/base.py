@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from lora_cli.errors import NotRevertibleError, UnsupportedAdapterError
+from lora_cli.errors import NonFiniteError, NotRevertibleError, UnsupportedAdapterError
 
 Shape = tuple[int, ...]
 
@@ -93,23 +93,63 @@ class Adapter:
 
 
 @dataclass
+class Workspace:
+    """Reusable buffers for the working tensors of one compute thread.
+
+    A fresh fp32 tensor the size of a weight costs page faults on every allocation (the allocator hands large
+    blocks back to the kernel); reusing a few buffers keeps both time and peak memory down.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: Shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        flat = self._buffers.get(name)
+        if flat is None or flat.numel() < numel or flat.dtype != dtype or flat.device != device:
+            self._buffers.pop(name, None)
+            flat = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[name] = flat
+        return flat[:numel].view(shape)
+
+
+@dataclass
 class EditContext:
-    """What an edit may use while it runs: the device and the adapter tensors, loaded on demand."""
+    """What an edit may use while it runs: the device, the adapter tensors (loaded on demand), scratch buffers."""
 
     adapter: Adapter
     device: torch.device
     work_dtype: torch.dtype = torch.float32
+    workspace: Workspace | None = None
+
+    def scratch(self, name: str, shape: Shape) -> torch.Tensor | None:
+        """A reusable working-precision buffer, or None when the caller runs without a workspace."""
+        if self.workspace is None:
+            return None
+        return self.workspace.take(name, shape, self.work_dtype, self.device)
 
     def load(self, key: str) -> torch.Tensor:
         """An adapter tensor on the working device; floating tensors in working precision (at least fp32)."""
         tensor = self.adapter.weights.load(key)
         if tensor.is_floating_point():
+            # Every command that reads adapter values comes through here, so a broken adapter is named at once.
+            if not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(
+                    f"adapter tensor {key} holds NaN or Inf",
+                    path=self.adapter.weights.path,
+                    fix="the adapter is broken (training diverged?); use an earlier checkpoint or retrain it",
+                )
             tensor = tensor.to(device=self.device, dtype=self.work_dtype)
         return tensor.to(self.device)
 
 
 class TensorEdit(ABC):
-    """What one adapter does to one base tensor. `apply` gets and returns working precision on the device."""
+    """What one adapter does to one base tensor. `apply` gets and returns working precision on the device.
+
+    `apply` and `revert` may work in place on the tensor they are given: the engine hands them its own copy.
+    """
 
     adapter: Adapter
     target: str
@@ -122,6 +162,10 @@ class TensorEdit(ABC):
     def output_shape(self, shape: Shape) -> Shape:
         """The shape the tensor has after this edit (only resized embeddings change it)."""
         return shape
+
+    def additive_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor | None:
+        """For edits that are W + delta, the delta (so the engine can fuse the add with the rounding); else None."""
+        return None
 
     def check(self, shape: Shape) -> str | None:
         """Why this edit cannot apply to a base tensor of `shape`, or None when it fits."""

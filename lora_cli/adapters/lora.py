@@ -32,10 +32,16 @@ class LoraFactors:
 
 
 def lora_delta(factors: LoraFactors, ctx: EditContext, base_shape: Shape) -> torch.Tensor:
-    """The module's delta in working precision, in exactly PEFT's order of operations."""
+    """The module's delta in working precision, in exactly PEFT's order of operations.
+
+    `(B @ A) * scaling` written into a reused buffer with an in-place multiply: the same products and the same
+    single fp32 rounding per element as PEFT's expression, without allocating two weight-sized tensors.
+    """
     a, b = ctx.load(factors.a_key), ctx.load(factors.b_key)
-    if factors.layout == "embedding":
-        return (b @ a).T * factors.scaling
+    if factors.layout in ("linear", "embedding"):
+        product = torch.matmul(b, a, out=ctx.scratch("delta", (b.shape[0], a.shape[1])))
+        product = product.mul_(factors.scaling)
+        return product.T if factors.layout == "embedding" or factors.fan_in_fan_out else product
     if factors.layout == "conv":
         if tuple(base_shape[2:4]) == (1, 1):
             return (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * factors.scaling
@@ -43,8 +49,7 @@ def lora_delta(factors: LoraFactors, ctx: EditContext, base_shape: Shape) -> tor
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[len(base_shape)]
         delta = conv(a.transpose(0, 1), b)
         return delta * factors.scaling if groups > 1 else delta.transpose(0, 1) * factors.scaling
-    delta = b @ a
-    return (delta.T if factors.fan_in_fan_out else delta) * factors.scaling
+    raise ValueError(f"unknown LoRA layout {factors.layout!r}")
 
 
 class LoraEdit(TensorEdit):
@@ -72,20 +77,27 @@ class LoraEdit(TensorEdit):
         expected = self.expected_shape()
         if self.factors.layout == "conv":
             fits = len(shape) == len(expected) and shape[0] == expected[0] and shape[2:] == expected[2:]
-            fits = fits and expected[1] % max(shape[1], 1) == 0
+            if fits and expected[1] != shape[1] and expected[1] % max(shape[1], 1) == 0:
+                # PEFT refuses this merge too: its delta does not have the grouped kernel's shape.
+                groups = expected[1] // shape[1]
+                return f"{self.target}: a LoRA on a grouped convolution (groups={groups}) cannot be merged"
+            fits = fits and expected[1] == shape[1]
         else:
             fits = tuple(shape) == expected
         return None if fits else f"{self.target}: delta {expected} vs base {tuple(shape)}"
 
     def delta(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        delta = lora_delta(self.factors, ctx, tuple(weight.shape))
-        return delta if self.adapter.weight == 1.0 else delta * self.adapter.weight
+        return self.additive_delta(tuple(weight.shape), ctx)
+
+    def additive_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor | None:
+        delta = lora_delta(self.factors, ctx, shape)
+        return delta if self.adapter.weight == 1.0 else delta.mul_(self.adapter.weight)
 
     def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        return weight + self.delta(weight, ctx)
+        return weight.add_(self.delta(weight, ctx))
 
     def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
-        return merged - self.delta(merged, ctx)
+        return merged.sub_(self.delta(merged, ctx))
 
     def describe(self) -> str:
         return f"lora r={self.factors.rank} scale={self.factors.scaling:g}"
@@ -102,6 +114,12 @@ class DoraEdit(LoraEdit):
 
     def adapter_keys(self) -> list[str]:
         return [*super().adapter_keys(), self.magnitude_key]
+
+    def additive_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor | None:
+        return None  # the magnitude rescales W + delta: not a plain sum
+
+    def delta(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        return LoraEdit.additive_delta(self, tuple(weight.shape), ctx)
 
     def _factor(self, base: torch.Tensor, delta: torch.Tensor, ctx: EditContext) -> torch.Tensor:
         magnitude = ctx.load(self.magnitude_key)
@@ -161,6 +179,9 @@ class LoraBiasEdit(TensorEdit):
         delta = ctx.load(self.key) * self.scaling
         return delta if self.adapter.weight == 1.0 else delta * self.adapter.weight
 
+    def additive_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor | None:
+        return self.delta(ctx)
+
     def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
         return weight + self.delta(ctx)
 
@@ -175,9 +196,17 @@ def lora_scaling(adapter: Adapter, module_path: str, rank: int) -> float:
     pattern_rank = adapter.pattern_value("rank_pattern", module_path, config.get("r", 8))
     alpha = adapter.pattern_value("alpha_pattern", module_path, config.get("lora_alpha", 8))
     if not isinstance(pattern_rank, int) or isinstance(pattern_rank, bool) or pattern_rank <= 0:
-        raise InputError(f"r must be a positive integer, got {pattern_rank!r}", path=config_path)
+        raise InputError(
+            f"r must be a positive integer, got {pattern_rank!r}",
+            path=config_path,
+            fix="set it in adapter_config.json to the value the adapter was trained with, or re-save the adapter",
+        )
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha < 0:
-        raise InputError(f"lora_alpha must be a non-negative number, got {alpha!r}", path=config_path)
+        raise InputError(
+            f"lora_alpha must be a non-negative number, got {alpha!r}",
+            path=config_path,
+            fix="set it in adapter_config.json to the value the adapter was trained with, or re-save the adapter",
+        )
     if pattern_rank != rank:
         raise InputError(
             f"{module_path}: config gives r={pattern_rank} but its lora_A has rank {rank}",

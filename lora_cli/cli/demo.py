@@ -47,7 +47,7 @@ def demo_command(
                 shutil.rmtree(workdir, ignore_errors=True)
         output.json(result)
         output.line(f"built a tiny Llama in {result.base} and a rank-8 LoRA on all linear layers in {result.adapter}")
-        render_summary(output, result.summary, "merge")
+        render_summary(output, result.summary, "merge", as_json=False)
         verdict = "[green]match[/green]" if result.logits_match else "[red]DIFFER[/red]"
         output.line(
             f"logits of the merged checkpoint (plain transformers) vs the base running the LoRA: max |diff| = "

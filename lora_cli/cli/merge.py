@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from lora_cli.adapters.lineage import source_lineage
 from lora_cli.adapters.loading import parse_adapter_arg
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import (
@@ -22,10 +23,11 @@ from lora_cli.cli._options import (
     OverwriteOpt,
     QuietOpt,
     RevisionOpt,
+    VerifyOpt,
 )
 from lora_cli.cli._output import Output, human_bytes
 from lora_cli.engine import WriteOptions, WriteSummary
-from lora_cli.errors import InputError
+from lora_cli.errors import AdapterMismatchError, InputError
 from lora_cli.merge import AdapterSpec, merge
 from lora_cli.resolve import resolve
 
@@ -72,8 +74,10 @@ def resolve_adapters(args: list[str], revision: str | None) -> list[AdapterSpec]
     return specs
 
 
-def render_summary(output: Output, summary: WriteSummary, title: str) -> None:
-    output.json(summary)
+def render_summary(output: Output, summary: WriteSummary, title: str, *, as_json: bool = True) -> None:
+    """Warnings and a summary table for people; the summary as JSON for machines (unless the caller prints its own)."""
+    if as_json:
+        output.json(summary)
     for warning in summary.warnings:
         output.warn(warning)
     table = Table(title=title, show_header=False, title_justify="left")
@@ -93,6 +97,10 @@ def render_summary(output: Output, summary: WriteSummary, title: str) -> None:
         rows.append(("peak GPU memory", human_bytes(summary.peak_gpu_bytes)))
     for key, value in summary.config_changes.items():
         rows.append((f"config: {key}", str(value)))
+    if summary.verification is not None:
+        check = summary.verification
+        rows.append(("verified", f"{check.tensors} tensors, {check.files} files ({check.seconds:.2f} s)"))
+        rows.append(("manifest", f"{check.manifest} (sha256sum -c {check.manifest})"))
     for row in rows:
         table.add_row(*row)
     output.table(table)
@@ -117,6 +125,11 @@ def merge_command(
     no_safe_merge: Annotated[
         bool, typer.Option("--no-safe-merge", help="Skip the NaN/Inf check of every merged tensor.")
     ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option("--strict", help="Refuse an adapter whose base_model_name_or_path names another model."),
+    ] = False,
+    verify: VerifyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -139,11 +152,16 @@ def merge_command(
             max_shard_bytes=parse_size(max_shard_size),
             overwrite=overwrite,
             check_finite=not no_safe_merge,
+            verify=verify,
         )
         base_source = resolve(base, role="base", revision=revision)
         specs = resolve_adapters(adapter_args, adapter_revision)
+        lineage = source_lineage(base_source, [spec.source for spec in specs])
+        if strict and lineage:
+            raise AdapterMismatchError(lineage[0], fix="check the adapters and the base, or drop --strict")
         with output.progress("merging") as bar:
             summary = merge(
                 base_source, specs, Path(out), options, progress=bar, on_plan=lambda p: bar.set_total(p.output_bytes)
             )
+        summary.warnings[:0] = lineage
         render_summary(output, summary, "merge")

@@ -1,0 +1,546 @@
+"""`loractl diff A B`: compare two checkpoints tensor by tensor, streaming, and say what a merge changed.
+
+Both checkpoints are walked with the shared `Pipeline` (the reader thread loads the pair, the main thread computes
+statistics in bounded chunks), so memory stays at a few tensors whatever their size or shard layout. With
+adapters, each tensor they edit is recomputed from A with merge's own `apply_edits` and compared with B in ulps:
+this is how a pipeline proves which adapter a checkpoint was made from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lora_cli.adapters.base import Workspace
+from lora_cli.checkpoint_files import read_provenance
+from lora_cli.components import COMPONENTS, GROUPS, classify
+from lora_cli.engine import apply_edits, pick_device
+from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
+from lora_cli.io.safetensors_file import TensorInfo, read_tensor
+from lora_cli.memstats import MemoryMonitor
+from lora_cli.merge import AdapterSpec, load_adapters
+from lora_cli.numerics import ulps
+from lora_cli.plan import PlannedTensor, build_plan
+from lora_cli.resolve import ResolvedSource
+from lora_cli.stream import Pipeline
+
+STATUSES = ("changed", "identical", "only_in_a", "only_in_b", "shape_mismatch", "dtype_mismatch")
+DIFFERING = frozenset(STATUSES) - {"identical"}
+# Elements compared per step: bounds the fp32/fp64 temporaries to a few tens of MiB whatever the tensor size.
+CHUNK = 1 << 20
+# Exact singular values below this many rows or columns; a randomized estimate above.
+EXACT_SVD_MAX = 64
+# Singular values below RANK_RTOL * the largest are taken as numerical noise of the SVD itself.
+RANK_RTOL = 1e-4
+# A loractl (or PEFT) CPU merge recomputed the same way is bit-identical (0 ulps). Another order of operations
+# or device changes the fp32 result by a few fp32 ulps, which after rounding to the stored dtype moves a value by
+# at most one step of that dtype, once more at a tie: 2 ulps. A different adapter lands hundreds of ulps away.
+DEFAULT_MAX_ULPS = 2.0
+
+
+@dataclass
+class TensorDiff:
+    """One tensor's comparison. Numbers are None where they do not apply (missing tensor, shape mismatch)."""
+
+    name: str
+    status: str
+    layer: int | None
+    component: str
+    group: str
+    dtype_a: str | None
+    dtype_b: str | None
+    shape_a: list[int] | None
+    shape_b: list[int] | None
+    max_abs_diff: float | None = None
+    rel_frobenius: float | None = None
+    frac_differ: float | None = None
+    allclose: bool | None = None
+    cosine: float | None = None
+    rank: int | None = None
+    # With adapters: whether they edit this tensor, and B's distance from the recomputed merge.
+    adapter_edited: bool | None = None
+    residual_max_ulps: float | None = None
+    residual_exact_share: float | None = None
+    adapter_ok: bool | None = None
+
+    @property
+    def differs(self) -> bool:
+        return self.status in DIFFERING
+
+
+@dataclass
+class ComponentSummary:
+    """How many tensors of one component (e.g. "self-attention q") differ, over all layers."""
+
+    component: str
+    group: str
+    tensors: int
+    differ: int
+    matrices: int
+    matrices_differ: int
+    max_rel_frobenius: float | None
+    ranks: list[int]
+    by_status: dict[str, int]
+
+
+@dataclass
+class GroupSummary:
+    group: str
+    matrices: int
+    matrices_differ: int
+    vectors: int
+    vectors_differ: int
+
+
+@dataclass
+class LayerSummary:
+    layer: int | None
+    tensors: int
+    differ: int
+    components_differ: list[str]
+    max_rel_frobenius: float | None
+
+
+@dataclass
+class AdapterCheck:
+    """Is B exactly A merged with the adapters? `verdict`: exact (0 ulps), pass (within the bound) or fail."""
+
+    adapters: list[str]
+    max_ulps_bound: float
+    verdict: str
+    edited: int
+    edited_within_bound: int
+    max_ulps: float
+    exact_share: float
+    untouched: int
+    untouched_identical: int
+    problems: list[str]
+
+
+@dataclass
+class DiffResult:
+    a: str
+    b: str
+    rtol: float
+    atol: float
+    tensors: list[TensorDiff]
+    summary: dict[str, int]
+    differ: bool
+    components: list[ComponentSummary]
+    groups: list[GroupSummary]
+    layers: list[LayerSummary]
+    seconds: float
+    peak_rss_anon_bytes: int
+    adapter_check: AdapterCheck | None = None
+    provenance_b: dict | None = None
+    bytes_read: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DiffOptions:
+    rtol: float = 1e-5
+    atol: float = 1e-8
+    rank: bool = False
+    max_ulps: float = DEFAULT_MAX_ULPS
+    device: str = "cpu"
+
+
+def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """fp32, or fp64 when either side is fp64 (or an integer type that fp32 cannot hold exactly)."""
+    wide = (torch.float64, torch.int64, torch.int32)
+    return torch.float64 if any(d in wide for d in dtypes) else torch.float32
+
+
+def coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype | None:
+    """The less precise of two float dtypes (both are compared at its precision), None if either is not float."""
+    if not (a.is_floating_point and b.is_floating_point):
+        return None
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
+
+
+def ulp_of(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype` at each |x|, as `numerics.ulps` counts it (frexp: far cheaper than log2 and pow)."""
+    info = torch.finfo(dtype)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    _, exponent = torch.frexp(x.to(work).abs().clamp_min(info.smallest_normal))
+    return torch.ldexp(torch.full_like(x, info.eps, dtype=work), exponent - 1)
+
+
+@dataclass
+class _Stats:
+    max_abs: float = 0.0
+    sum_d2: float = 0.0
+    sum_a2: float = 0.0
+    sum_b2: float = 0.0
+    dot: float = 0.0
+    unequal: int = 0
+    close: bool = True
+    noise2: float = 0.0  # sum of squared half-ulps of the compared dtypes: the rounding noise floor
+
+
+def _chunked_stats(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    compare: torch.dtype | None,
+    options: DiffOptions,
+    work: torch.dtype,
+) -> _Stats:
+    """Statistics of A - B over flat chunks; with `compare`, both are first rounded to that dtype.
+
+    The rounding-noise floor (for `--rank` only) is the sum of squared half-ulps of both sides.
+    """
+    rtol, atol = options.rtol, options.atol
+    stats = _Stats()
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    exact = not (a.is_floating_point() and b.is_floating_point())
+    tol = (0.0, 0.0) if exact else (rtol, atol)
+    noise_dtype = (compare or (a.dtype if a.is_floating_point() else None)) if options.rank else None
+    for start in range(0, flat_a.numel(), CHUNK):
+        ca, cb = flat_a[start : start + CHUNK], flat_b[start : start + CHUNK]
+        if compare is not None:
+            ca, cb = ca.to(compare), cb.to(compare)
+        ca, cb = ca.to(work), cb.to(work)
+        # Dot products: one fused pass each, where sum(x * x) would allocate a product first.
+        norm_a = float(torch.dot(ca, ca))
+        if torch.equal(ca, cb):  # the common case for untouched tensors: no difference to measure
+            stats.sum_a2 += norm_a
+            stats.sum_b2 += norm_a
+            stats.dot += norm_a
+        else:
+            d = ca - cb
+            largest = float(d.abs().max())
+            if math.isnan(largest):
+                # NaN against NaN (and inf against the same inf) are equal; NaN against a number is infinitely far.
+                d = d.masked_fill((ca == cb) | (ca.isnan() & cb.isnan()), 0.0).nan_to_num(nan=math.inf)
+                largest = float(d.abs().max())
+            stats.max_abs = max(stats.max_abs, largest)
+            stats.sum_d2 += float(torch.dot(d, d))
+            stats.sum_a2 += norm_a
+            stats.sum_b2 += float(torch.dot(cb, cb))
+            stats.dot += float(torch.dot(ca, cb))
+            stats.unequal += int(torch.count_nonzero(d))
+            # torch.allclose's rule, |A - B| <= atol + rtol * |B|; when even the largest difference is beyond the
+            # loosest bound it fails without an elementwise pass (the common case for a changed tensor).
+            loosest = float(cb.abs().max().nan_to_num(nan=math.inf))
+            if stats.close and largest > tol[1] + tol[0] * loosest:
+                stats.close = False
+            elif stats.close:
+                stats.close = bool(((d == 0) | (d.abs() <= tol[1] + tol[0] * cb.abs())).all())
+        if noise_dtype is not None:
+            half_a, half_b = ulp_of(ca, noise_dtype) / 2, ulp_of(cb, noise_dtype) / 2
+            stats.noise2 += float(torch.dot(half_a, half_a) + torch.dot(half_b, half_b))
+    return stats
+
+
+def difference_rank(d: torch.Tensor, noise: float, rtol: float = RANK_RTOL) -> int:
+    """Numerical rank of a 2-D difference: singular values above the rounding-noise floor and `rtol` * the largest.
+
+    A rank-r LoRA merge differs from its base by exactly rank r plus rounding noise spread over every direction;
+    the floor (a bound on the noise matrix's largest singular value) keeps the noise from counting.
+    """
+    rows, cols = d.shape
+    smaller = min(rows, cols)
+    if smaller == 0:
+        return 0
+    if smaller <= EXACT_SVD_MAX:
+        values = torch.linalg.svdvals(d)
+    else:
+        # Randomized: q singular values at a fraction of an exact SVD's cost; q doubles while all look like signal.
+        q = min(128, smaller)
+        while True:
+            _, values, _ = torch.svd_lowrank(d, q=q, niter=2)
+            threshold = max(rtol * float(values[0]), noise)
+            if int((values > threshold).sum()) < q - q // 8 or q == smaller:
+                break
+            q = min(2 * q, smaller)
+    if float(values[0]) == 0.0:
+        return 0
+    threshold = max(rtol * float(values[0]), noise)
+    return int((values > threshold).sum())
+
+
+def compare_tensors(name: str, a: torch.Tensor | None, b: torch.Tensor | None, options: DiffOptions) -> TensorDiff:
+    """Status and statistics of one tensor pair; either side may be missing."""
+    place = classify(name)
+    record = TensorDiff(
+        name=name,
+        status="identical",
+        layer=place.layer,
+        component=place.component,
+        group=place.group,
+        dtype_a=_dtype_name(a),
+        dtype_b=_dtype_name(b),
+        shape_a=list(a.shape) if a is not None else None,
+        shape_b=list(b.shape) if b is not None else None,
+    )
+    if a is None or b is None:
+        record.status = "only_in_b" if a is None else "only_in_a"
+        return record
+    if a.shape != b.shape:
+        record.status = "shape_mismatch"
+        return record
+    if a.dtype == b.dtype and not options.rank and torch.equal(a, b):
+        # Bit-identical (NaN never compares equal, so tensors holding NaN take the full path): nothing to measure.
+        record.max_abs_diff, record.rel_frobenius, record.frac_differ, record.allclose = 0.0, 0.0, 0.0, True
+        low, high = torch.aminmax(a.reshape(-1)) if a.numel() else (0, 0)  # a.any() would allocate a mask
+        record.cosine = 1.0 if bool(low != 0) or bool(high != 0) else None
+        return record
+    compare = coarser(a.dtype, b.dtype) if a.dtype != b.dtype else None
+    work = work_dtype(a.dtype, b.dtype)
+    stats = _chunked_stats(a, b, compare, options, work)
+    norm_a, norm_b, norm_d = math.sqrt(stats.sum_a2), math.sqrt(stats.sum_b2), math.sqrt(stats.sum_d2)
+    record.max_abs_diff = stats.max_abs
+    record.rel_frobenius = _finite(norm_d / norm_a if norm_a > 0 else (0.0 if norm_d == 0 else None))
+    record.frac_differ = stats.unequal / a.numel() if a.numel() else 0.0
+    record.allclose = stats.close
+    record.cosine = _finite(stats.dot / (norm_a * norm_b) if norm_a > 0 and norm_b > 0 else None)
+    if not stats.close:
+        record.status = "changed"
+    elif a.dtype != b.dtype:
+        record.status = "dtype_mismatch"
+    if options.rank and record.status == "changed" and a.dim() == 2:
+        d = a.to(compare or work).to(work) - b.to(compare or work).to(work)
+        rms_noise = math.sqrt(stats.noise2 / a.numel()) if a.numel() else 0.0
+        # The largest singular value of an m x n noise matrix is about rms * (sqrt(m) + sqrt(n)); 2x for margin.
+        noise = 2.0 * rms_noise * (math.sqrt(a.shape[0]) + math.sqrt(a.shape[1]))
+        record.rank = difference_rank(d, noise)
+    return record
+
+
+def check_against_plan(
+    record: TensorDiff,
+    planned: PlannedTensor,
+    source: torch.Tensor,
+    b: torch.Tensor | None,
+    device: torch.device,
+    bound: float,
+    workspace: Workspace,
+) -> None:
+    """Recompute the merge of one edited tensor and measure B against it in ulps of B's dtype.
+
+    Counted at the larger magnitude of the two values and of the merge's operands (W and the delta): a delta that
+    nearly cancels W makes a tiny result whose own ulp would inflate any other order of operations.
+    """
+    record.adapter_edited = True
+    if b is None or tuple(b.shape) != tuple(planned.output.shape):
+        record.adapter_ok = False
+        return
+    expected = apply_edits(planned, source, device, workspace).cpu()
+    worst, exact = 0.0, 0
+    flat_w, flat_e, flat_b = source.reshape(-1), expected.reshape(-1), b.reshape(-1)
+    same_shape_w = flat_w.numel() == flat_e.numel()
+    for start in range(0, flat_e.numel(), CHUNK):
+        stop = start + CHUNK
+        e32, cb = flat_e[start:stop], flat_b[start:stop]
+        rounded = e32.to(b.dtype)
+        at = None
+        if same_shape_w and b.is_floating_point():
+            w = flat_w[start:stop].to(e32.dtype)
+            at = torch.maximum(w.abs(), (e32 - w).abs())
+        if b.is_floating_point():
+            worst = max(worst, float(ulps(cb, rounded, b.dtype, at=at).max()))
+        else:
+            worst = max(worst, float((cb.double() - rounded.double()).abs().max()))
+        exact += int((cb == rounded).sum())
+    record.residual_max_ulps = worst
+    record.residual_exact_share = exact / flat_e.numel() if flat_e.numel() else 1.0
+    record.adapter_ok = worst <= bound
+
+
+def _finite(value: float | None) -> float | None:
+    """None for a number JSON cannot hold (a tensor with inf or NaN has no meaningful norm ratio)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _dtype_name(t: torch.Tensor | None) -> str | None:
+    return None if t is None else str(t.dtype).removeprefix("torch.")
+
+
+def diff(
+    a: ResolvedSource,
+    b: ResolvedSource,
+    options: DiffOptions | None = None,
+    adapters: list[AdapterSpec] | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> DiffResult:
+    """Compare checkpoints A and B tensor by tensor; with `adapters`, also check that B is A merged with them."""
+    options = options or DiffOptions()
+    index_a, index_b = open_checkpoint(a.path), open_checkpoint(b.path)
+    planned: dict[str, PlannedTensor] = {}
+    if adapters:
+        plan = build_plan(index_a, load_adapters(adapters))
+        planned = {t.name: t for t in plan.tensors if t.edits}
+    names = list(index_a.tensors) + [n for n in index_b.tensors if n not in index_a.tensors]
+    if on_start is not None:
+        on_start(index_a.total_bytes + index_b.total_bytes)
+    device = pick_device(options.device)
+    if device.type == "cuda":
+        # As in write_plan: TF32 would round the factors' products differently from the CPU reference.
+        torch.backends.cuda.matmul.allow_tf32 = False
+    records: list[TensorDiff] = []
+    workspace = Workspace()  # used by the compute thread only
+    started = time.perf_counter()
+
+    def load(name: str) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        ta = _read(index_a, name)
+        tb = _read(index_b, name)
+        source = None
+        if name in planned:
+            info = planned[name].source
+            source = ta if info.name == name and ta is not None else read_tensor(info)
+        return ta, tb, source
+
+    def compute(name: str, loaded: tuple) -> TensorDiff:
+        ta, tb, source = loaded
+        record = compare_tensors(name, ta, tb, options)
+        if adapters:
+            if name in planned:
+                check_against_plan(record, planned[name], source, tb, device, options.max_ulps, workspace)
+            else:
+                record.adapter_edited = False
+                record.adapter_ok = record.status in ("identical", "dtype_mismatch")
+        return record
+
+    def sink(name: str, record: TensorDiff) -> None:
+        records.append(record)
+        if progress is not None:
+            progress(_nbytes(index_a, name) + _nbytes(index_b, name))
+
+    with MemoryMonitor(keep_timeline=False) as memory:
+        Pipeline(load, compute, sink).run(names)
+    summary = {status: sum(r.status == status for r in records) for status in STATUSES}
+    result = DiffResult(
+        a=a.ref,
+        b=b.ref,
+        rtol=options.rtol,
+        atol=options.atol,
+        tensors=records,
+        summary=summary,
+        differ=any(r.differs for r in records),
+        components=summarize_components(records),
+        groups=summarize_groups(records),
+        layers=summarize_layers(records),
+        seconds=time.perf_counter() - started,
+        peak_rss_anon_bytes=memory.peak_anon,
+        provenance_b=read_provenance(b.path),
+        bytes_read=index_a.total_bytes + index_b.total_bytes,
+    )
+    if adapters:
+        result.adapter_check = _verdict(records, [s.source.ref for s in adapters], set(planned), options.max_ulps)
+    return result
+
+
+def _read(index: CheckpointIndex, name: str) -> torch.Tensor | None:
+    info: TensorInfo | None = index.tensors.get(name)
+    return read_tensor(info) if info is not None else None
+
+
+def _nbytes(index: CheckpointIndex, name: str) -> int:
+    info = index.tensors.get(name)
+    return info.nbytes if info is not None else 0
+
+
+def _verdict(records: list[TensorDiff], refs: list[str], edited: set[str], bound: float) -> AdapterCheck:
+    problems: list[str] = []
+    seen = {r.name for r in records}
+    problems += [f"{name}: the adapters edit it but B does not have it" for name in sorted(edited - seen)]
+    edited_records = [r for r in records if r.adapter_edited]
+    untouched = [r for r in records if r.adapter_edited is False]
+    for r in edited_records:
+        if r.residual_max_ulps is None:
+            problems.append(f"{r.name}: missing from B or of another shape than the merge gives")
+        elif not r.adapter_ok:
+            problems.append(f"{r.name}: {r.residual_max_ulps:.3g} ulps from A merged with the adapters")
+    for r in untouched:
+        if not r.adapter_ok:
+            problems.append(f"{r.name}: the adapters do not touch it but it is {r.status}")
+    residuals = [r.residual_max_ulps for r in edited_records if r.residual_max_ulps is not None]
+    worst = max(residuals, default=0.0)
+    shares = [(r.residual_exact_share or 0.0) for r in edited_records if r.residual_exact_share is not None]
+    verdict = "fail" if problems else ("exact" if worst == 0.0 else "pass")
+    return AdapterCheck(
+        adapters=refs,
+        max_ulps_bound=bound,
+        verdict=verdict,
+        edited=len(edited_records),
+        edited_within_bound=sum(bool(r.adapter_ok) for r in edited_records),
+        max_ulps=worst,
+        exact_share=sum(shares) / len(shares) if shares else 1.0,
+        untouched=len(untouched),
+        untouched_identical=sum(bool(r.adapter_ok) for r in untouched),
+        problems=problems,
+    )
+
+
+def _max(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def summarize_components(records: list[TensorDiff]) -> list[ComponentSummary]:
+    out = []
+    for component in COMPONENTS:
+        members = [r for r in records if r.component == component]
+        if not members:
+            continue
+        matrices = [r for r in members if len(r.shape_a or r.shape_b or []) >= 2]
+        out.append(
+            ComponentSummary(
+                component=component,
+                group=members[0].group,
+                tensors=len(members),
+                differ=sum(r.differs for r in members),
+                matrices=len(matrices),
+                matrices_differ=sum(r.differs for r in matrices),
+                max_rel_frobenius=_max([r.rel_frobenius for r in members if r.differs]),
+                ranks=sorted({r.rank for r in members if r.rank is not None}),
+                by_status={s: n for s in STATUSES if (n := sum(r.status == s for r in members))},
+            )
+        )
+    return out
+
+
+def summarize_groups(records: list[TensorDiff]) -> list[GroupSummary]:
+    out = []
+    for group in GROUPS:
+        members = [r for r in records if r.group == group]
+        if not members:
+            continue
+        matrices = [r for r in members if len(r.shape_a or r.shape_b or []) >= 2]
+        vectors = [r for r in members if len(r.shape_a or r.shape_b or []) < 2]
+        out.append(
+            GroupSummary(
+                group=group,
+                matrices=len(matrices),
+                matrices_differ=sum(r.differs for r in matrices),
+                vectors=len(vectors),
+                vectors_differ=sum(r.differs for r in vectors),
+            )
+        )
+    return out
+
+
+def summarize_layers(records: list[TensorDiff]) -> list[LayerSummary]:
+    layers = sorted({r.layer for r in records if r.layer is not None})
+    out = []
+    for layer in [*layers, None]:
+        members = [r for r in records if r.layer == layer]
+        if not members:
+            continue
+        differing = [r for r in members if r.differs]
+        out.append(
+            LayerSummary(
+                layer=layer,
+                tensors=len(members),
+                differ=len(differing),
+                components_differ=[c for c in COMPONENTS if any(r.component == c for r in differing)],
+                max_rel_frobenius=_max([r.rel_frobenius for r in differing]),
+            )
+        )
+    return out
