@@ -27,8 +27,10 @@ def copy_side_files(source: Path, out: Path) -> list[str]:
     return copied
 
 
-def update_config(out: Path, *, dtype: str | None, vocab_size: int | None, untie: bool) -> dict[str, object]:
-    """Rewrite OUT/config.json where the merge changed the model; returns what changed."""
+def update_config(
+    out: Path, *, dtype: str | None, vocab_size: int | None, tie: bool | None = None
+) -> dict[str, object]:
+    """Rewrite OUT/config.json where the merge changed the model (`tie`: set tie_word_embeddings); returns changes."""
     path = out / "config.json"
     if not path.exists():
         return {}
@@ -44,11 +46,11 @@ def update_config(out: Path, *, dtype: str | None, vocab_size: int | None, untie
         target = text if text is not None and "vocab_size" in text else config
         target["vocab_size"] = vocab_size
         changes["vocab_size"] = vocab_size
-    if untie:
-        config["tie_word_embeddings"] = False
+    if tie is not None:
+        config["tie_word_embeddings"] = tie
         if text is not None and "tie_word_embeddings" in text:
-            text["tie_word_embeddings"] = False
-        changes["tie_word_embeddings"] = False
+            text["tie_word_embeddings"] = tie
+        changes["tie_word_embeddings"] = tie
     if changes:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return changes

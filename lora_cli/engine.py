@@ -296,7 +296,10 @@ def write_plan(
             write_index(tmp, shards)
         copy_side_files(base.directory, tmp)
         new_dtype = None if options.dtype == "auto" else options.dtype
-        config_changes = update_config(tmp, dtype=new_dtype, vocab_size=plan.vocab_size, untie=bool(plan.untied))
+        tie = False if plan.untied else True if plan.retied else None
+        config_changes = update_config(tmp, dtype=new_dtype, vocab_size=plan.vocab_size, tie=tie)
+        if plan.retied:
+            config_changes["dropped"] = list(plan.retied)
         seconds = time.perf_counter() - started
         provenance = write_provenance(
             tmp,

@@ -45,6 +45,8 @@ class MergePlan:
     adapters: list[Adapter]
     tensors: list[PlannedTensor]
     untied: list[str] = field(default_factory=list)
+    # Heads dropped again (unmerge): the written config ties them back to the embedding.
+    retied: list[str] = field(default_factory=list)
     vocab_size: int | None = None
     warnings: list[str] = field(default_factory=list)
 

@@ -12,9 +12,7 @@ merged value; `check_against` measures exactly that.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lora_cli.adapters.base import EditContext, TensorEdit, Workspace
-from lora_cli.checkpoint_files import PROVENANCE_FILE, read_provenance
+from lora_cli.checkpoint_files import read_provenance
 from lora_cli.diff import CHUNK, coarser
 from lora_cli.engine import Progress, WriteOptions, WriteSummary, pick_device, working_copy, write_plan
 from lora_cli.errors import AdapterMismatchError, NotRevertibleError
@@ -223,30 +221,6 @@ def _retie(
     return [head.name], []
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Replace a small JSON file atomically (written beside it, then renamed)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _mark_retied(out: Path, heads: list[str]) -> dict[str, object]:
-    config_path = out / "config.json"
-    changes: dict[str, object] = {"tie_word_embeddings": True, "dropped": heads}
-    if config_path.exists():
-        config = json.loads(config_path.read_text())
-        config["tie_word_embeddings"] = True
-        if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
-            config["text_config"]["tie_word_embeddings"] = True
-        _write_json(config_path, config)
-    record_path = out / PROVENANCE_FILE
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
-        record["config_changes"] = {**(record.get("config_changes") or {}), **changes}
-        _write_json(record_path, record)
-    return changes
-
-
 def unmerge(
     merged: ResolvedSource,
     adapters: list[AdapterSpec],
@@ -304,12 +278,10 @@ def unmerge(
         record["base"] = source_record(base)
     inputs = [merged.path, *(a.source.path for a in adapters)]
     inputs += [s.path for s in (base, check_against) if s is not None]
+    plan.retied = retied
     summary = write_plan(
         plan, out, transform, options, operation="unmerge", record=record, inputs=inputs, progress=progress
     )
-    if retied:
-        # write_plan copied MERGED's untied config; re-tie it now that the head is gone again.
-        summary.config_changes.update(_mark_retied(out, retied))
     result = UnmergeSummary(
         **{f.name: getattr(summary, f.name) for f in dataclasses.fields(WriteSummary)},
         expected_error=expected_error({t.output.dtype for t in plan.edited}),
