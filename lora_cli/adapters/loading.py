@@ -12,6 +12,8 @@ from lora_cli.io.checkpoint import read_json
 CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIXES = ("base_model.model.", "base_model.")
 WEIGHT_SUFFIXES = ("weight", "bias")
+# The module path under which `group_keys` files tensors saved once for the whole model, not per module.
+SHARED_MODULE = ""
 
 
 def parse_adapter_arg(arg: str) -> tuple[str, float]:
@@ -38,7 +40,9 @@ def load_adapter(directory: Path, *, ref: str | None = None, weight: float = 1.0
     if not config.get("peft_type"):
         raise InputError("has no peft_type", path=config_path, fix="this is not a PEFT adapter config; re-save it")
     weights = open_weights(directory)
-    adapter = Adapter(ref=ref or str(directory), directory=directory, config=config, weights=weights, modules={})
+    adapter = Adapter(
+        ref=ref or str(directory), directory=directory, config=config, weights=weights, modules={}, weight=weight
+    )
     kind = kind_for(adapter)
     group_keys(adapter, kind.param_roots)
     return adapter
@@ -70,10 +74,11 @@ def group_keys(adapter: Adapter, param_roots: frozenset[str]) -> None:
     `base_layer` copies of targeted embeddings, `modules_to_save` copies saved under the plain module name.
     """
     modules: dict[str, dict[str, str]] = {}
-    for key in adapter.weights.keys():
+    for key in adapter.weights.keys():  # noqa: SIM118 - AdapterWeights is not a dict
         parts = _strip_prefix(key).split(".")
         root = next((i for i, part in enumerate(parts) if part in param_roots), None)
-        if root is not None and root > 0:
+        if root is not None:
+            # root 0: a tensor the type shares across modules (VeRA's vera_A/vera_B), kept under SHARED_MODULE.
             module, tail = ".".join(parts[:root]), parts[root:]
             if len(tail) > 1 and tail[1] not in WEIGHT_SUFFIXES:
                 tail = [tail[0], *tail[2:]]  # drop the adapter name

@@ -63,14 +63,31 @@ def _corrupt(path: Path, what: str) -> InputError:
     )
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice; args[0] is the key."""
+
+
+def reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """`object_pairs_hook` for json.loads, which otherwise keeps the last of duplicate keys silently: a tensor
+    listed twice in a header or an index means a corrupt file, not a choice to make for the user."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise DuplicateKeyError(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def read_header(path: Path) -> SafetensorsFile:
     """Read and check a safetensors header: sizes, dtypes, and byte ranges that tile the data exactly."""
     path = Path(path)
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
-            if prefix.startswith(PICKLE_MAGIC):
+            prefix = handle.read(9)
+            # A header length can begin with the same two bytes as a pickle (640 = 80 02 ...): a real header's
+            # JSON then starts with "{" at byte 8, which no pickle or zip has there.
+            if prefix.startswith(PICKLE_MAGIC) and prefix[8:9] != b"{":
                 raise InputError(
                     "is a pickle (torch.save) file, not safetensors",
                     path=path,
@@ -78,11 +95,12 @@ def read_header(path: Path) -> SafetensorsFile:
                 )
             if len(prefix) < 8:
                 raise _corrupt(path, f"{size} bytes is too short for a header")
-            (header_len,) = struct.unpack("<Q", prefix)
+            (header_len,) = struct.unpack("<Q", prefix[:8])
             if header_len > MAX_HEADER_BYTES:
                 raise _corrupt(path, f"header claims {header_len} bytes (more than the 100 MB limit)")
             if 8 + header_len > size:
                 raise _corrupt(path, f"header claims {header_len} bytes but the file has {size}")
+            handle.seek(8)
             raw = handle.read(header_len)
     except FileNotFoundError:
         raise InputError("file not found", path=path, fix="check the path and that every shard is present") from None
@@ -91,9 +109,11 @@ def read_header(path: Path) -> SafetensorsFile:
     except PermissionError:
         raise InputError("permission denied", path=path, fix="make the file readable") from None
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=reject_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _corrupt(path, f"header is not JSON ({exc.__class__.__name__})") from None
+    except DuplicateKeyError as exc:
+        raise _corrupt(path, f"the header lists {exc.args[0]!r} twice") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
 
@@ -123,7 +143,8 @@ def read_header(path: Path) -> SafetensorsFile:
             raise _corrupt(path, f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its shape needs {expected}")
         entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
 
-    entries.sort()
+    # Stable on the byte range only: zero-size tensors share an offset and keep the header's (the writer's) order.
+    entries.sort(key=lambda entry: (entry[0], entry[1]))
     position = 0
     for begin, end, name, _, _ in entries:
         if begin < position:

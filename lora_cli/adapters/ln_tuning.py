@@ -1,0 +1,26 @@
+"""LN Tuning as PEFT defines it (`peft/tuners/ln_tuning/layer.py`): a trained copy of each targeted (norm) layer.
+
+PEFT's merge swaps the copy in, so every saved tensor replaces the base tensor of the same name; undoing that
+needs the original, which only the base has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lora_cli.adapters.base import Adapter, AdapterKind, Shape, TensorEdit, register
+from lora_cli.adapters.common import FullTensorEdit
+
+
+@register
+class LnTuning(AdapterKind):
+    peft_type = "LN_TUNING"
+    param_roots = frozenset({"ln_tuning_layers"})
+
+    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+        edits: list[TensorEdit] = []
+        for module in adapter.modules.values():
+            for param, key in module.params.items():
+                name = param.removeprefix("ln_tuning_layers.")
+                edits.append(FullTensorEdit(adapter, f"{module.path}.{name}", key, "modules_to_save"))
+        return edits

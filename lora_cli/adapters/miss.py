@@ -1,0 +1,101 @@
+"""MiSS as PEFT defines it (`peft/tuners/miss/layer.py`): a shared block added to every r-column slice of the
+weight (the default and `mini` forms), or block-wise W_ij + W_ij @ B_i + B_i (`init_weights="bat"`).
+
+Default: W'[o, j r + k] = W[o, j r + k] + B[k, o], the last, partial slice taking B's first columns; `mini` tiles a
+(r, mini_r) block along the outputs first. `bat` reads the base blocks, so its undo solves with I + B as PEFT's
+unmerge does. All in fp32, one rounding, as PEFT's CPU merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lora_cli.adapters.additive import AdditiveEdit, missing_params
+from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.errors import UnsupportedAdapterError
+
+
+class MissEdit(AdditiveEdit):
+    """The default and `mini` forms: a delta that tiles the block B^T across the input columns."""
+
+    kind = "miss"
+
+    def __init__(self, adapter: Adapter, target: str, key: str) -> None:
+        rank = adapter.weights.shape(key)[0]
+        super().__init__(adapter, target, [key], f"r={rank}")
+        self.key = key
+
+    def check(self, shape: Shape) -> str | None:
+        rank, width = self.adapter.weights.shape(self.key)
+        if len(shape) == 2 and shape[0] % width == 0 and rank <= shape[1]:
+            return None
+        return f"{self.target}: MiSS block {(rank, width)} vs base {tuple(shape)}"
+
+    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+        block = ctx.load(self.key)
+        out, into = shape
+        block = block.repeat(1, out // block.shape[1])  # `mini`: tile the narrow block along the outputs
+        rank = block.shape[0]
+        return block.t().repeat(1, -(-into // rank))[:, :into]
+
+
+class MissBatEdit(TensorEdit):
+    """`bat`: for each (r x r) block W_ij of the weight, W_ij + W_ij @ B_i + B_i."""
+
+    kind = "miss_bat"
+
+    def __init__(self, adapter: Adapter, target: str, key: str) -> None:
+        super().__init__(adapter, target)
+        self.key = key
+
+    def adapter_keys(self) -> list[str]:
+        return [self.key]
+
+    def check(self, shape: Shape) -> str | None:
+        blocks, rank, _ = self.adapter.weights.shape(self.key)
+        if len(shape) == 2 and shape[0] == blocks * rank and shape[1] % rank == 0:
+            return None
+        return f"{self.target}: MiSS bat blocks {(blocks, rank, rank)} vs base {tuple(shape)}"
+
+    def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        block = ctx.load(self.key)
+        rank = block.size(-1)
+        out, into = weight.shape
+        blocks = weight.reshape(out // rank, rank, into // rank, rank).permute(2, 0, 1, 3)
+        result = blocks @ block + block
+        return weight + result.permute(1, 2, 0, 3).reshape(weight.shape)
+
+    def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
+        block = ctx.load(self.key)
+        rank = block.size(-1)
+        out, into = merged.shape
+        blocks = merged.reshape(out // rank, rank, into // rank, rank).permute(2, 0, 1, 3)
+        eye = torch.eye(rank, device=block.device, dtype=block.dtype)
+        # W' = W (I + B) + B, block by block: W = (W' - B) (I + B)^-1.
+        restored = torch.linalg.solve(eye + block, blocks - block, left=False)
+        return restored.permute(1, 2, 0, 3).reshape(merged.shape)
+
+
+@register
+class Miss(AdapterKind):
+    peft_type = "MISS"
+    param_roots = frozenset({"miss_block"})
+
+    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+        bat = adapter.config.get("init_weights") == "bat"
+        if bat and adapter.weight != 1.0:
+            raise UnsupportedAdapterError(
+                "MiSS bat multiplies the base blocks, so ADAPTER@WEIGHT is not defined for it",
+                path=adapter.ref,
+                fix="pass the MiSS adapter without @WEIGHT",
+            )
+        edits: list[TensorEdit] = []
+        for module in adapter.modules.values():
+            key = module.params.get("miss_block")
+            if key is None:
+                raise missing_params(adapter, module.path, list(module.params), "miss_block")
+            edit_type = MissBatEdit if bat else MissEdit
+            edits.append(edit_type(adapter, f"{module.path}.weight", key))
+        return edits

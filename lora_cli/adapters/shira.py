@@ -1,0 +1,51 @@
+"""SHiRA as PEFT defines it (`peft/tuners/shira/layer.py`): a sparse delta, its values at saved (row, col) indices.
+
+delta = sparse(shira_indices, shira_weight * 1.0, (out, in)); PEFT's scaling is 1 for every loaded adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lora_cli.adapters.additive import AdditiveEdit, missing_params
+from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+
+
+class ShiraEdit(AdditiveEdit):
+    kind = "shira"
+
+    def __init__(self, adapter: Adapter, target: str, weight_key: str, index_key: str) -> None:
+        count = adapter.weights.shape(weight_key)[0]
+        super().__init__(adapter, target, [weight_key, index_key], f"{count} entries")
+        self.weight_key, self.index_key = weight_key, index_key
+
+    def check(self, shape: Shape) -> str | None:
+        indices = self.adapter.weights.shape(self.index_key)
+        weights = self.adapter.weights.shape(self.weight_key)
+        if len(shape) == 2 and indices == (2, weights[0]):
+            return None
+        return f"{self.target}: SHiRA indices {indices} and values {weights} vs base {tuple(shape)}"
+
+    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+        indices = ctx.load(self.index_key).long()
+        if bool((indices[0] >= shape[0]).any() or (indices[1] >= shape[1]).any()):
+            raise ValueError(f"{self.target}: SHiRA index past the base shape {tuple(shape)}")
+        values = ctx.load(self.weight_key) * 1.0
+        return torch.sparse_coo_tensor(indices, values, tuple(shape)).to_dense()
+
+
+@register
+class Shira(AdapterKind):
+    peft_type = "SHIRA"
+    param_roots = frozenset({"shira_weight", "shira_indices"})
+
+    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+        edits: list[TensorEdit] = []
+        for module in adapter.modules.values():
+            if not (module.has("shira_weight") and module.has("shira_indices")):
+                raise missing_params(adapter, module.path, list(module.params), "shira_weight and shira_indices")
+            params = module.params
+            edits.append(ShiraEdit(adapter, f"{module.path}.weight", params["shira_weight"], params["shira_indices"]))
+        return edits

@@ -1,0 +1,107 @@
+"""VeRA and PVeRA as PEFT defines them (`peft/tuners/vera/layer.py`): frozen random projections shared by every module,
+scaled per module by two learned vectors.
+
+delta = transpose((lambda_b * B[:out]) @ (lambda_d * A[:, :in]), fan_in_fan_out), in fp32. The projections are
+saved once in the adapter file (`base_model.vera_A`/`vera_B`); an adapter saved without them
+(`save_projection=False`) would need PEFT's seeded initialisation replayed, which loractl refuses. PVeRA
+(`peft/tuners/pvera/layer.py`) is VeRA whose lambda_d and A carry a mean and a log-variance half; it merges by
+the mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lora_cli.adapters.additive import AdditiveEdit, missing_params
+from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.loading import SHARED_MODULE
+from lora_cli.errors import UnsupportedAdapterError
+
+
+class VeraEdit(AdditiveEdit):
+    kind = "vera"
+    prefix = "vera"
+    # PVeRA's lambda_d and A hold a mean and a log-variance half; only B has the plain rank.
+    rank_ratio = 1
+
+    def __init__(self, adapter: Adapter, target: str, params: dict[str, str], shared: dict[str, str]) -> None:
+        prefix = self.prefix
+        self.lambda_b, self.lambda_d = params[f"{prefix}_lambda_b"], params[f"{prefix}_lambda_d"]
+        self.proj_a, self.proj_b = shared[f"{prefix}_A"], shared[f"{prefix}_B"]
+        self.fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
+        rank = adapter.weights.shape(self.lambda_d)[0]
+        super().__init__(adapter, target, [self.lambda_b, self.lambda_d, self.proj_a, self.proj_b], f"r={rank}")
+
+    def _features(self, shape: Shape) -> tuple[int, int]:
+        """(out, in) of the layer: Conv1D-style weights are stored transposed."""
+        return (shape[1], shape[0]) if self.fan_in_fan_out else (shape[0], shape[1])
+
+    def check(self, shape: Shape) -> str | None:
+        weights = self.adapter.weights
+        out_len = weights.shape(self.lambda_b)[0]
+        rank = weights.shape(self.lambda_d)[0]
+        a, b = weights.shape(self.proj_a), weights.shape(self.proj_b)
+        if len(shape) != 2:
+            return f"{self.target}: VeRA adapts linear layers only, base is {tuple(shape)}"
+        out, into = self._features(shape)
+        if out != out_len or a[0] != rank or b[1] * self.rank_ratio != rank or a[1] < into or b[0] < out:
+            return f"{self.target}: VeRA lambda_b {out_len}, rank {rank}, projections {a}/{b} vs base {tuple(shape)}"
+        return None
+
+    def factors(self, ctx: EditContext, out: int, into: int) -> tuple[torch.Tensor, ...]:
+        sliced_a = ctx.load(self.proj_a)[:, :into]
+        sliced_b = ctx.load(self.proj_b)[:out, :]
+        return ctx.load(self.lambda_b).unsqueeze(-1), sliced_b, ctx.load(self.lambda_d).unsqueeze(-1), sliced_a
+
+    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+        out, into = self._features(shape)
+        lambda_b, sliced_b, lambda_d, sliced_a = self.factors(ctx, out, into)
+        delta = (lambda_b * sliced_b) @ (lambda_d * sliced_a)
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class PveraEdit(VeraEdit):
+    """PVeRA merges by its mean: the first half of lambda_d and of A's rows (PEFT's `get_delta_weight`)."""
+
+    kind = "pvera"
+    prefix = "pvera"
+    rank_ratio = 2
+
+    def factors(self, ctx: EditContext, out: int, into: int) -> tuple[torch.Tensor, ...]:
+        lambda_b, sliced_b, lambda_d, sliced_a = super().factors(ctx, out, into)
+        return lambda_b, sliced_b, lambda_d[: lambda_d.size(0) // 2, :], sliced_a[: sliced_a.size(0) // 2, :]
+
+
+@register
+class Vera(AdapterKind):
+    peft_type = "VERA"
+    param_roots = frozenset({"vera_lambda_b", "vera_lambda_d", "vera_A", "vera_B"})
+    edit_type: type[VeraEdit] = VeraEdit
+
+    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+        prefix = self.edit_type.prefix
+        shared_module = adapter.modules.get(SHARED_MODULE)
+        shared = dict(shared_module.params) if shared_module else {}
+        if f"{prefix}_A" not in shared or f"{prefix}_B" not in shared:
+            raise UnsupportedAdapterError(
+                f"this {self.peft_type} adapter was saved without its projections (save_projection=False)",
+                path=adapter.weights.path,
+                fix="re-save it with save_projection=True (the default)",
+            )
+        edits: list[TensorEdit] = []
+        for path, module in adapter.modules.items():
+            if path == SHARED_MODULE:
+                continue
+            if not (module.has(f"{prefix}_lambda_b") and module.has(f"{prefix}_lambda_d")):
+                raise missing_params(adapter, path, list(module.params), f"{prefix}_lambda_b and {prefix}_lambda_d")
+            edits.append(self.edit_type(adapter, f"{path}.weight", module.params, shared))
+        return edits
+
+
+@register
+class Pvera(Vera):
+    peft_type = "PVERA"
+    param_roots = frozenset({"pvera_lambda_b", "pvera_lambda_d", "pvera_A", "pvera_B"})
+    edit_type = PveraEdit
