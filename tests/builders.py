@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 VOCAB = 96
@@ -126,3 +127,16 @@ def _logits(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 def logits_of(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return _logits(model.eval(), inputs)
+
+
+def load_merged(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a written checkpoint, sharded or not."""
+    index = out / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = [p.name for p in out.glob("*.safetensors")]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(out / name))
+    return state

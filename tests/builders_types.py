@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from lora_cli.adapters.base import EditContext
 from lora_cli.adapters.loading import load_adapter
 from lora_cli.io.checkpoint import open_checkpoint
 from lora_cli.plan import build_plan
+from tests.builders import load_merged
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOKENS = torch.tensor([[1, 5, 9, 17, 33, 2, 70, 11], [3, 3, 40, 41, 8, 90, 0, 12]])
@@ -38,19 +37,6 @@ def tiny_convnet(dtype: torch.dtype = torch.float32, seed: int = 0) -> ConvNet:
 
 def conv_inputs(dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(7)).to(dtype)
-
-
-def load_merged(out: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a written checkpoint, sharded or not."""
-    index = out / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in out.glob("*.safetensors")]
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(out / name))
-    return state
 
 
 def revert_all(base_dir: Path, adapter_dirs: list[Path], merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ from lora_cli.errors import AdapterMismatchError, UnsupportedAdapterError
 from lora_cli.merge import AdapterSpec, local_source, merge
 from lora_cli.numerics import max_ulps
 from tests.builders import (
+    load_merged,
     logits_of,
     make_adapter,
     peft_logits,
@@ -52,7 +53,7 @@ from tests.builders import (
     tiny_llama,
     tiny_mlp,
 )
-from tests.builders_types import LLAMA_LINEARS, TOKENS, conv_inputs, load_merged, revert_all, tiny_convnet
+from tests.builders_types import LLAMA_LINEARS, TOKENS, conv_inputs, revert_all, tiny_convnet
 
 ATTN = ["q_proj", "v_proj", "down_proj"]
 CONVS = ["conv1", "conv2", "head"]

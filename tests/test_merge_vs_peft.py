@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from lora_cli.merge import AdapterSpec, local_source, merge
 from lora_cli.numerics import max_ulps
 from tests.builders import (
+    load_merged,
     logits_of,
     make_adapter,
     peft_logits,
@@ -33,18 +34,6 @@ from tests.builders import (
 
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INPUTS = torch.tensor([[1, 5, 9, 17, 33, 2, 70, 11], [3, 3, 40, 41, 8, 90, 0, 12]])
-
-
-def load_merged(out: Path) -> dict[str, torch.Tensor]:
-    index = out / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in out.glob("*.safetensors")]
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(out / name))
-    return state
 
 
 def run_case(tmp_path: Path, factory, config, *, max_shard_size: str | None = None, **merge_kwargs):
@@ -101,7 +90,7 @@ def test_rslora_with_rank_and_alpha_patterns(tmp_path):
         alpha_pattern={"down_proj": 3},
         init_lora_weights=False,
     )
-    summary, ours, ref, _, adapter = run_case(tmp_path, factory, config)
+    summary, ours, ref, _, _ = run_case(tmp_path, factory, config)
     assert summary.tensors_edited == 6
     assert_same_tensors(ours, ref)
 
@@ -139,6 +128,7 @@ def test_modules_to_save_replaces_head_and_bias(tmp_path):
     _, ours, ref, out, adapter = run_case(tmp_path, factory, config)
     assert_same_tensors(ours, ref)
     assert not torch.equal(ours["transformer.ln_f.bias"], factory().state_dict()["transformer.ln_f.bias"])
+    assert torch.allclose(transformers_logits(out, torch.float32), peft_logits(factory, adapter, INPUTS), atol=1e-4)
 
 
 def test_fan_in_fan_out_conv1d_gpt2(tmp_path):

@@ -25,8 +25,8 @@ from lora_cli.cli.app import app
 from lora_cli.errors import UnsupportedAdapterError
 from lora_cli.merge import AdapterSpec, local_source, merge
 from lora_cli.numerics import max_ulps
-from tests.builders import make_adapter, peft_merged_state, save_base, tiny_llama
-from tests.builders_types import LLAMA_LINEARS, load_merged
+from tests.builders import load_merged, make_adapter, peft_merged_state, save_base, tiny_llama
+from tests.builders_types import LLAMA_LINEARS
 
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
 LORA_2 = LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "o_proj", "down_proj"], init_lora_weights=False)
