@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -30,6 +31,15 @@ class SafetensorsWeights(AdapterWeights):
         return read_tensor(self._file.tensors[key])
 
 
+def _reason(exc: Exception) -> str:
+    """torch's refusal in a few words: the code the pickle would run, or its first line without terminal escapes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"it would call {found.group(1)} when unpickled; loractl loads only tensors from pickles"
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
 class PickleWeights(AdapterWeights):
     """`adapter_model.bin` as older PEFT versions saved it. `weights_only=True` refuses any code in the pickle."""
 
@@ -38,9 +48,8 @@ class PickleWeights(AdapterWeights):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
-            first_line = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise InputError(
-                f"cannot be read safely as tensors ({first_line})",
+                f"cannot be read safely as tensors ({_reason(exc)})",
                 path=path,
                 fix="it is corrupt or holds more than tensors; re-save the adapter as adapter_model.safetensors",
             ) from None

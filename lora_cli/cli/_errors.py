@@ -32,7 +32,7 @@ def user_errors(debug: bool = False) -> Iterator[None]:
             raise
         _fail(f"error: {exc.one_line()}", EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        _fail("interrupted: nothing was written", EXIT_INTERRUPTED)
+        _fail("interrupted: no partial output was left behind", EXIT_INTERRUPTED)
     except OSError as exc:
         if debug:
             raise

@@ -33,5 +33,13 @@ MaxShardOpt = Annotated[
     str | None,
     typer.Option("--max-shard-size", help="Re-shard the output, e.g. 5GB or 500MB (default: the input's layout)."),
 ]
+VerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verify",
+        help="Re-read every written tensor and compare checksums before OUT appears; write OUT/SHA256SUMS "
+        "(check later with `loractl verify OUT` or `sha256sum -c SHA256SUMS`). Costs a read of OUT.",
+    ),
+]
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")

@@ -8,7 +8,12 @@ import typer
 
 from lora_cli import __version__
 from lora_cli.cli.demo import demo_command
+from lora_cli.cli.diff import DIFF_EXAMPLES, diff_command
+from lora_cli.cli.inspect import INSPECT_EXAMPLES, inspect_command
+from lora_cli.cli.memory import MEMORY_EXAMPLES, memory_command
 from lora_cli.cli.merge import MERGE_EXAMPLES, merge_command
+from lora_cli.cli.unmerge import UNMERGE_EXAMPLES, unmerge_command
+from lora_cli.cli.verify import VERIFY_EXAMPLES, verify_command
 
 app = typer.Typer(
     name="loractl",
@@ -21,6 +26,11 @@ app = typer.Typer(
 
 app.command("merge", epilog=MERGE_EXAMPLES)(merge_command)
 app.command("demo")(demo_command)
+app.command("diff", epilog=DIFF_EXAMPLES)(diff_command)
+app.command("unmerge", epilog=UNMERGE_EXAMPLES)(unmerge_command)
+app.command("inspect", epilog=INSPECT_EXAMPLES)(inspect_command)
+app.command("memory", epilog=MEMORY_EXAMPLES)(memory_command)
+app.command("verify", epilog=VERIFY_EXAMPLES)(verify_command)
 
 
 def _version(value: bool) -> None:

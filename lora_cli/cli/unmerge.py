@@ -19,6 +19,7 @@ from lora_cli.cli._options import (
     OverwriteOpt,
     QuietOpt,
     RevisionOpt,
+    VerifyOpt,
 )
 from lora_cli.cli._output import Output
 from lora_cli.cli.merge import check_dtype, parse_size, render_summary, resolve_adapters
@@ -92,6 +93,7 @@ def unmerge_command(
     dtype: DtypeOpt = "auto",
     max_shard_size: MaxShardOpt = None,
     overwrite: OverwriteOpt = False,
+    verify: VerifyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -109,7 +111,11 @@ def unmerge_command(
             raise InputError("unmerge needs MERGED, at least one ADAPTER, and OUT", fix="see loractl unmerge --help")
         *adapter_args, out = adapters_and_out
         options = WriteOptions(
-            device=device, dtype=check_dtype(dtype), max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite
+            device=device,
+            dtype=check_dtype(dtype),
+            max_shard_bytes=parse_size(max_shard_size),
+            overwrite=overwrite,
+            verify=verify,
         )
         merged_source = resolve(merged, role="checkpoint", revision=revision)
         specs = resolve_adapters(adapter_args, adapter_revision)

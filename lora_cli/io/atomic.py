@@ -33,8 +33,11 @@ def check_output(out: Path, inputs: list[Path], *, overwrite: bool, needed_bytes
     parent = resolved.parent
     if not parent.is_dir():
         raise OutputError(f"parent folder {parent} does not exist", path=out, fix="create it first")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"parent folder {parent} is not writable", path=out, fix="choose a writable location")
+    problem = _cannot_create_in(parent)
+    if problem:
+        raise OutputError(
+            f"parent folder {parent} is not writable ({problem})", path=out, fix="choose a writable location"
+        )
     free = shutil.disk_usage(parent).free
     if free < needed_bytes:
         raise OutputError(
@@ -66,6 +69,16 @@ def atomic_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _cannot_create_in(parent: Path) -> str | None:
+    """Why a folder cannot be created in `parent`, found by trying: `os.access` says yes to root on a read-only
+    mount or a pseudo-filesystem, and the failure would otherwise only show after the plan was built."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f"{TMP_MARKER}probe-", dir=parent))
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
 
 
 def _fsync_dir(path: Path) -> None:

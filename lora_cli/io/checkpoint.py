@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.errors import InputError
-from lora_cli.io.safetensors_file import SafetensorsFile, TensorInfo, read_header
+from lora_cli.io.safetensors_file import (
+    DuplicateKeyError,
+    SafetensorsFile,
+    TensorInfo,
+    read_header,
+    reject_duplicate_keys,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,12 +48,19 @@ class CheckpointIndex:
         return read_json(path) if path.exists() else None
 
 
-def read_json(path: Path) -> dict:
-    """Load a JSON object, turning every failure into one clear line naming the file."""
+def read_json(path: Path, *, unique_keys: bool = False) -> dict:
+    """Load a JSON object, turning every failure into one clear line naming the file.
+
+    `unique_keys` refuses an object naming a key twice (an index listing a tensor twice), which json keeps quiet.
+    """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(
+            path.read_text(encoding="utf-8"), object_pairs_hook=reject_duplicate_keys if unique_keys else None
+        )
     except FileNotFoundError:
-        raise InputError("file not found", path=path) from None
+        raise InputError("file not found", path=path, fix="check the path, or download the file again") from None
+    except DuplicateKeyError as exc:
+        raise InputError(f"lists {exc.args[0]!r} twice", path=path, fix="repair or re-download the file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"is not valid JSON ({exc})", path=path, fix="repair or re-download the file") from None
     if not isinstance(data, dict):
@@ -85,7 +98,7 @@ def open_checkpoint(directory: Path) -> CheckpointIndex:
 
 
 def _open_indexed(directory: Path, index_path: Path) -> CheckpointIndex:
-    index = read_json(index_path)
+    index = read_json(index_path, unique_keys=True)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise InputError("has no valid weight_map", path=index_path, fix="repair or re-download the index")

@@ -7,18 +7,23 @@ one tensor is ever held in memory, unlike writers that buffer a whole shard.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lora_cli.errors import OutputError
 from lora_cli.io.checkpoint import INDEX_FILE, SINGLE_FILE
 from lora_cli.io.dtypes import TORCH_TO_SAFETENSORS, itemsize
+
+if TYPE_CHECKING:
+    from lora_cli.verify import TensorDigests
 
 COPY_CHUNK = 64 * 1024 * 1024
 
@@ -94,9 +99,12 @@ def write_index(directory: Path, shards: list[ShardPlan], extra_metadata: dict[s
 class ShardWriter:
     """Appends the tensors of one planned shard, in plan order, checking each against the header."""
 
-    def __init__(self, path: Path, plan: ShardPlan, metadata: dict[str, str]) -> None:
+    def __init__(
+        self, path: Path, plan: ShardPlan, metadata: dict[str, str], digests: TensorDigests | None = None
+    ) -> None:
         self.path = path
         self.plan = plan
+        self.digests = digests  # `--verify`: checksums of what is written, checked after the write
         self._next = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         _write_all(self._fd, header_bytes(plan.tensors, metadata), path)
@@ -115,14 +123,19 @@ class ShardWriter:
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         _write_all(self._fd, memoryview(data), self.path)
+        if self.digests is not None:
+            self.digests.record_bytes(self.path.name, name, memoryview(data))
         return spec.nbytes
 
     def copy_tensors(self, names: list[str], source: Path, offset: int, nbytes: int) -> int:
         """Copy a run of tensors stored back to back in `source`, kernel-side where the OS allows."""
-        if sum(self._expect(name).nbytes for name in names) != nbytes:
+        specs = [self._expect(name) for name in names]
+        if sum(spec.nbytes for spec in specs) != nbytes:
             raise RuntimeError(f"copy of {names[0]}..{names[-1]} does not match the planned sizes")
         with open(source, "rb", buffering=0) as src:
             _copy_range(src.fileno(), self._fd, offset, nbytes, self.path)
+        if self.digests is not None:
+            self.digests.record_range(self.path.name, [(s.name, s.nbytes) for s in specs], source, offset)
         return nbytes
 
     def close(self) -> None:
@@ -137,10 +150,8 @@ class ShardWriter:
             os.close(self._fd)
 
     def abort(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.close(self._fd)
-        except OSError:
-            pass
 
 
 def _raise_write_error(exc: OSError, path: Path) -> None:

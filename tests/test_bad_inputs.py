@@ -1,0 +1,176 @@
+"""Every command against every broken or hostile input: one line naming the file and the fix, exit 2, no traceback,
+nothing written, inputs byte-identical, and no pickled code run.
+
+Commands are parametrised; one not yet registered in the app is skipped (so the corpus runs as commands land).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lora_cli.cli.app import app
+from tests.builders import make_adapter, save_base, tiny_gpt2, tiny_llama
+from tests.corrupt_inputs import CASES, Case, Inputs, Pristine, hostile_pickle
+
+runner = CliRunner()
+FACTORY = functools.partial(tiny_llama, torch.float32)
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+# "path: what is wrong (what to do)": a message that names no fix ends without the parenthesis.
+ONE_LINE_WITH_FIX = re.compile(r"^error: .+ \(.+\)$")
+
+Args = Callable[[Inputs, Pristine], list[object]]
+# unmerge gets the (broken) base as MERGED, diff compares it with the good merge: each must stop at the breakage.
+COMMANDS: dict[str, Args] = {
+    "merge": lambda i, p: ["merge", i.base, i.adapter, i.out],
+    "unmerge": lambda i, p: ["unmerge", i.base, i.adapter, i.out],
+    "diff": lambda i, p: ["diff", i.base, p.merged, "--adapter", i.adapter],
+    "inspect": lambda i, p: ["inspect", i.adapter, "--base", i.base],
+    "memory": lambda i, p: ["memory", i.base, i.adapter],
+}
+WRITES_OUT = {"merge", "unmerge"}
+READS_VALUES = {"merge", "unmerge", "diff", "inspect"}
+
+
+def registered() -> set[str]:
+    return {c.name or c.callback.__name__ for c in app.registered_commands}
+
+
+def commands() -> list:
+    """Each command as a parameter, skipped (before any fixture is built) while it is not registered."""
+    have = registered()
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(name not in have, reason=f"`loractl {name}` is not registered yet"))
+        for name in COMMANDS
+    ]
+
+
+def invoke(args: list[object]):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every entry under `root`: file contents by hash, symlinks by target (not followed), folders by name."""
+    entries: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                entries[rel] = "link:" + os.readlink(path)
+            elif path.is_file():
+                entries[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                entries[rel] = "dir"
+    return entries
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Pristine:
+    root = tmp_path_factory.mktemp("pristine")
+    save_base(FACTORY(), root / "base", max_shard_size="40KB")
+    assert len(list((root / "base").glob("model-*.safetensors"))) >= 3  # the index cases need several shards
+    make_adapter(FACTORY, LORA, root / "lora")
+    make_adapter(functools.partial(tiny_gpt2, torch.float32), LoraConfig(r=4, target_modules=["c_attn"]), root / "gpt2")
+    wide = functools.partial(tiny_llama, torch.float32, hidden_size=48)
+    make_adapter(wide, LORA, root / "wide")
+    result = invoke(["merge", root / "base", root / "lora", root / "merged", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return Pristine(root / "base", root / "lora", root / "gpt2", root / "wide", root / "merged")
+
+
+@pytest.mark.parametrize("command", commands())
+def test_pristine_inputs_succeed(command: str, pristine: Pristine, tmp_path: Path) -> None:
+    """The control: each command accepts the unbroken inputs, so a failure below is the breakage's doing."""
+    base = pristine.merged if command == "unmerge" else pristine.base
+    inputs = Inputs(base, pristine.adapter, tmp_path / "out", "")
+    result = invoke([*COMMANDS[command](inputs, pristine), "--quiet"])
+    assert result.exit_code == 0, result.output
+
+
+def applicable(command: str, case: Case) -> bool:
+    """Broken OUT paths concern only commands that write; broken tensor values only commands that read them
+    (memory reads headers only)."""
+    if case.kind == "output":
+        return command in WRITES_OUT
+    return case.kind != "values" or command in READS_VALUES
+
+
+def pairs() -> list:
+    have = registered()
+    return [
+        pytest.param(
+            command,
+            case,
+            id=f"{command}-{case.name}",
+            marks=pytest.mark.skipif(command not in have, reason=f"`loractl {command}` is not registered yet"),
+        )
+        for command in COMMANDS
+        for case in CASES
+        if applicable(command, case)
+    ]
+
+
+@pytest.mark.parametrize(("command", "case"), pairs())
+def test_bad_input_is_one_line_exit_2_and_harmless(command: str, case: Case, pristine: Pristine, tmp_path) -> None:
+    root = tmp_path / "case"
+    root.mkdir()
+    inputs = case.build(root, pristine)
+    before = snapshot(root)
+
+    result = invoke(COMMANDS[command](inputs, pristine))
+
+    message = result.output.strip()
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}"
+    assert "Traceback" not in result.output and "\x1b" not in result.output  # no terminal escapes either
+    assert len(message.splitlines()) == 1, message
+    assert ONE_LINE_WITH_FIX.match(message), f"no fix in: {message}"
+    assert inputs.culprit in message, f"{inputs.culprit!r} not named in: {message}"
+    # Nothing written, nothing changed: not OUT, not a temporary sibling, not a byte of any input.
+    assert snapshot(root) == before
+    assert not list(root.rglob("*.loractl-tmp-*"))
+    if inputs.marker is not None:
+        assert not inputs.marker.exists(), "the pickle's code ran"
+
+
+def test_hostile_pickle_really_runs_code_when_unpickled(tmp_path: Path) -> None:
+    """The control for the pickle cases: unpickled the unsafe way, the fixture does create its marker."""
+    marker = tmp_path / "ran"
+    hostile_pickle(tmp_path / "evil.bin", marker)
+    torch.load(tmp_path / "evil.bin", weights_only=False)
+    assert marker.exists()
+
+
+def test_plain_pickle_adapter_still_merges(pristine: Pristine, tmp_path: Path) -> None:
+    """The control for `hostile_adapter_bin`: an old-style adapter_model.bin of plain tensors is accepted."""
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_bytes((pristine.adapter / "adapter_config.json").read_bytes())
+    torch.save(load_file(pristine.adapter / "adapter_model.safetensors"), lora / "adapter_model.bin")
+    result = invoke(["merge", pristine.base, lora, tmp_path / "out", "--quiet"])
+    assert result.exit_code == 0, result.output
+    # The same merged weights as from the safetensors adapter, byte for byte.
+    shards = sorted(p.name for p in pristine.merged.glob("*.safetensors"))
+    assert all((tmp_path / "out" / n).read_bytes() == (pristine.merged / n).read_bytes() for n in shards)
+
+
+def test_symlinked_out_parent_is_followed(pristine: Pristine, tmp_path: Path) -> None:
+    """A parent folder reached through a symlink (as /tmp is on macOS) is a normal place to write to."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    result = invoke(["merge", pristine.base, pristine.adapter, tmp_path / "link" / "out", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "link").is_symlink()
+    assert (real / "out" / "loractl.json").is_file()
+    assert sorted(p.name for p in real.iterdir()) == ["out"]
