@@ -55,7 +55,11 @@ class MemoryMonitor:
         self._start = time.perf_counter()
 
     def _sample(self) -> None:
-        anon, file = read_rss(self.pid)
+        try:
+            anon, file = read_rss(self.pid)
+        except psutil.NoSuchProcess:
+            return  # a watched child process has exited: its peak so far stands
+
         self.peak_anon = max(self.peak_anon, anon)
         self.peak_file = max(self.peak_file, file)
         if self.keep_timeline:

@@ -1,0 +1,163 @@
+"""`loractl inspect ADAPTER [--base BASE]`: what an adapter or checkpoint holds."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from lora_cli.cli._errors import user_errors
+from lora_cli.cli._options import AdapterRevisionOpt, DebugOpt, JsonOpt, QuietOpt, RevisionOpt
+from lora_cli.cli._output import Output, human_bytes
+from lora_cli.inspect import EFFECTIVE_RANK_HELP, AdapterReport, CheckpointReport, inspect_ref
+
+INSPECT_EXAMPLES = """
+Examples:
+
+  loractl inspect ./my-lora
+
+  loractl inspect ./my-lora --base meta-llama/Llama-3.2-1B     (does it fit? PEFT's trainable share, |delta|/|W|)
+
+  loractl inspect someone/their-lora --json
+
+  loractl inspect ./merged                                      (a checkpoint: dtypes, shards, loractl provenance)
+"""
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def render_adapter(output: Output, report: AdapterReport) -> None:
+    summary = Table(title=f"adapter {report.ref}", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column()
+    params = report.params
+    rows = [
+        ("type", f"{report.type_label} (peft_type {report.peft_type})"),
+        ("saved by PEFT", report.peft_version or "unknown (no peft_version in the config)"),
+        ("base model", str(report.base_model or "-")),
+        ("task type", str(report.task_type or "-")),
+        ("r / alpha", f"{report.r} / {report.alpha}"),
+        ("rsLoRA / DoRA", f"{report.use_rslora} / {report.use_dora}"),
+        ("target modules", str(report.target_modules)),
+        ("modules_to_save", str(report.modules_to_save or "-")),
+        ("adapted modules", str(report.num_modules)),
+        ("parameters", f"{report.num_params:,d}"),
+        ("  factors", f"{params.factors:,d}"),
+        ("  magnitudes (DoRA)", f"{params.magnitudes:,d}"),
+        ("  saved full modules", f"{params.full_modules:,d}"),
+        ("  token rows", f"{params.token_rows:,d}"),
+        ("  other", f"{params.other:,d}"),
+        ("dtypes", ", ".join(f"{k} ({v:,d})" for k, v in report.dtypes.items())),
+        ("size on disk", human_bytes(report.size_on_disk)),
+    ]
+    if report.fit is not None:
+        rows.append(("fits base", f"yes: {report.fit.base} ({report.fit.tensors_edited} tensors edited)"))
+        rows.append(("PEFT would print", report.fit.peft_line))
+    for row in rows:
+        summary.add_row(*row)
+    output.table(summary)
+
+    with_base = report.fit is not None
+    table = Table(title="modules", title_justify="left", caption=EFFECTIVE_RANK_HELP, caption_justify="left")
+    columns = ["tensor", "kind", "delta shape", "rank", "alpha", "scale", "|delta|_F", "eff. rank"]
+    if with_base:
+        columns += ["|delta|/|W|", "amplification"]
+    columns.append("note")
+    for column in columns:
+        justify = "left" if column in ("tensor", "kind", "note") else "right"
+        # Numbers never wrap; a long tensor name folds rather than losing its end, and the note keeps some room.
+        table.add_column(
+            column,
+            justify=justify,
+            no_wrap=column not in ("tensor", "note"),
+            overflow="fold",
+            min_width=18 if column == "note" else None,
+        )
+    for module in report.modules:
+        cells = [
+            module.name,
+            module.kind,
+            "x".join(map(str, module.shape)) if module.shape else "-",
+            "-" if module.rank is None else str(module.rank),
+            _num(module.alpha),
+            _num(module.scale),
+            _num(module.delta_norm),
+            _num(module.effective_rank, 3),
+        ]
+        if with_base:
+            cells += [_num(module.relative_norm, 3), _num(module.amplification, 3)]
+        cells.append(module.note or "")
+        table.add_row(*cells)
+    output.table(table)
+
+
+def render_checkpoint(output: Output, report: CheckpointReport) -> None:
+    summary = Table(title=f"checkpoint {report.ref}", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column()
+    rows = [
+        ("model type", f"{report.model_type or '-'} {', '.join(report.architectures)}".strip()),
+        ("dtypes", ", ".join(f"{k} ({v:,d})" for k, v in report.dtypes.items())),
+        ("parameters", f"{report.num_params:,d} in {report.num_tensors} tensors"),
+        ("shards", str(len(report.shards))),
+        ("size on disk", human_bytes(report.size_on_disk)),
+    ]
+    provenance = report.provenance
+    if provenance:
+        adapters = ", ".join(str(a.get("ref")) for a in provenance.get("adapters", []) if isinstance(a, dict))
+        base = provenance.get("base") if isinstance(provenance.get("base"), dict) else {}
+        rows.append(("made by", f"loractl {provenance.get('loractl_version')} {provenance.get('operation')}"))
+        rows.append(("  base / adapters", f"{base.get('ref')} / {adapters or '-'}"))
+        rows.append(("  created", str(provenance.get("created"))))
+    else:
+        rows.append(("made by", "no loractl.json (not a loractl merge)"))
+    for row in rows:
+        summary.add_row(*row)
+    output.table(summary)
+    components = Table(title="components", title_justify="left")
+    for column in ("component", "tensors", "parameters", "size"):
+        components.add_column(column, justify="left" if column == "component" else "right")
+    for group in report.components:
+        components.add_row(group.name, str(group.tensors), f"{group.params:,d}", human_bytes(group.bytes))
+    output.table(components)
+    if len(report.shards) > 1:
+        shards = Table(title="shards", title_justify="left")
+        for column in ("file", "tensors", "size"):
+            shards.add_column(column)
+        for shard in report.shards:
+            shards.add_row(str(shard["file"]), str(shard["tensors"]), human_bytes(shard["bytes"]))  # type: ignore[arg-type]
+        output.table(shards)
+
+
+def inspect_command(
+    adapter: Annotated[
+        str, typer.Argument(help="Adapter (or model checkpoint): a local folder or a Hub repo id.", show_default=False)
+    ],
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Base model to check the adapter against (folder or Hub id).", show_default=False),
+    ] = None,
+    revision: AdapterRevisionOpt = None,
+    base_revision: RevisionOpt = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Describe an adapter: type, config, parameter counts, and per module the delta's norm and effective rank.
+
+    Norms come from the factors (QR and an r x r SVD for LoRA), never from the full matrix. With --base, also
+    check that the adapter fits (exit 2 naming the tensors that do not), print PEFT's trainable-parameters line,
+    and per module |delta|_F/|W|_F and the LoRA paper's amplification factor |delta|_F/|U^T W V|_F (U, V the
+    delta's top-r singular vectors). Given a model checkpoint instead, describe it and its loractl provenance.
+    """
+    output = Output(json_mode=json_output, quiet=quiet)
+    with user_errors(debug):
+        report = inspect_ref(adapter, base=base, revision=revision, base_revision=base_revision)
+    output.json(report)
+    if isinstance(report, AdapterReport):
+        render_adapter(output, report)
+    else:
+        render_checkpoint(output, report)

@@ -1,0 +1,381 @@
+"""`loractl memory`: predict what a merge will cost in RAM before running it, and measure it when asked.
+
+The in-memory path (transformers loads the whole base, PEFT adds the adapter, `merge_and_unload`,
+`save_pretrained`) costs the whole model in its load dtype and the adapter in fp32; when loading converts the
+dtype, the mapped shards stay resident beside the converted copy until loading ends. loractl's streaming merge
+costs this process's baseline plus a few tensors: the largest edited tensor's working set and the pipeline's
+read-ahead and write-behind. Both models are checked in docs/inspect_memory.md against measurements on the
+1.1B synthetic checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect as pyinspect
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from lora_cli.adapters.base import Adapter
+from lora_cli.adapters.lora import LoraFactors
+from lora_cli.engine import WriteOptions, _OutputRing
+from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
+from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, is_float
+from lora_cli.memstats import MemoryMonitor, MemorySample, read_rss
+from lora_cli.merge import AdapterSpec, load_adapters, merge
+from lora_cli.peft_reference import PHASE_PREFIX, RESULT_PREFIX
+from lora_cli.plan import MergePlan, PlannedTensor, build_plan, working_dtype
+from lora_cli.resolve import ResolvedSource
+from lora_cli.stream import Pipeline
+
+# `Pipeline`'s queues hold `depth` items and the reader holds one more while it waits to enqueue: besides the
+# tensor being computed, up to depth + 1 raw inputs are read ahead.
+PIPELINE_DEPTH: int = pyinspect.signature(Pipeline.__init__).parameters["depth"].default
+IN_FLIGHT = PIPELINE_DEPTH + 1
+# The engine computes in reused buffers (`Workspace`): one fp32 copy of the weight, LoRA's product B @ A written
+# into a second one, and a ring of output buffers that the writer drains (`engine._OutputRing`).
+OUTPUT_BUFFERS: int = _OutputRing.SIZE
+LORA_WORK_COPIES = 2
+# Other types compute their delta into a fresh tensor and add it out of place: one more working-size tensor.
+OTHER_WORK_COPIES = 3
+# transformers and peft imported on top of python + torch, anonymous and file-backed together (measured: about
+# 160 MiB with transformers 5.23 and peft 0.21).
+HF_IMPORT_BYTES = 160 * 2**20
+REFERENCE_MODULE = "lora_cli.peft_reference"
+TIMELINE_POINTS = 100
+
+
+@dataclass
+class PathEstimate:
+    """Predicted peak of one way to merge, with the terms it adds up."""
+
+    name: str
+    peak_bytes: int
+    gpu_bytes: int | None
+    fits: bool
+    terms: dict[str, int]
+
+
+@dataclass
+class Prediction:
+    in_memory_peak_bytes: int  # transformers + PEFT, base loaded in its own dtype
+    in_memory_fp32_peak_bytes: int  # the same with the base upcast to fp32
+    streaming_peak_bytes: int  # loractl merge
+    in_memory_gpu_bytes: int | None
+    streaming_gpu_bytes: int | None
+    baseline_bytes: int
+    largest_edited_tensor: str | None
+    tensors_edited: int
+    base_bytes: int
+    adapter_bytes: int
+    total_ram_bytes: int
+    available_ram_bytes: int
+    paths: list[PathEstimate]
+
+
+@dataclass
+class PhasePeak:
+    phase: str
+    seconds: float
+    peak_anon_bytes: int
+    peak_file_bytes: int
+
+
+@dataclass
+class Measurement:
+    """A measured run: peak anonymous memory (what the merge needs) and file-backed pages apart."""
+
+    path: str
+    peak_anon_bytes: int
+    peak_file_bytes: int
+    peak_rss_bytes: int  # the largest anonymous + file-backed total of any one sample
+    baseline_anon_bytes: int
+    seconds: float
+    phases: list[PhasePeak]
+    timeline: list[MemorySample] = field(default_factory=list)  # at most TIMELINE_POINTS samples
+    error: str | None = None
+
+
+@dataclass
+class MemoryReport:
+    base: str
+    adapters: list[str]
+    device: str
+    predicted: Prediction
+    measured: dict[str, Measurement] = field(default_factory=dict)
+
+
+def _dtype_of(index: CheckpointIndex) -> str:
+    """The dtype most of the checkpoint's bytes are in (what `dtype="auto"` loads)."""
+    sizes: dict[str, int] = {}
+    for info in index.tensors.values():
+        sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
+    return max(sizes, key=sizes.__getitem__) if sizes else "F32"
+
+
+def _model_bytes(index: CheckpointIndex, float_itemsize: int | None) -> int:
+    """The base in memory: floating tensors at `float_itemsize` bytes (None keeps each tensor's own)."""
+    total = 0
+    for info in index.tensors.values():
+        size = float_itemsize if float_itemsize is not None and is_float(info.dtype) else info.torch_dtype.itemsize
+        total += info.numel * size
+    return total
+
+
+def _adapter_params(adapters: list[Adapter]) -> int:
+    return sum(math.prod(a.weights.shape(k)) for a in adapters for k in a.weights.keys())  # noqa: SIM118
+
+
+def _edit_factor_bytes(planned: PlannedTensor) -> int:
+    """The adapter tensors one edited tensor loads (in working precision)."""
+    itemsize = working_dtype(planned.source).itemsize
+    keys = {(id(e.adapter), k) for e in planned.edits for k in e.adapter_keys()}
+    by_id = {id(e.adapter): e.adapter for e in planned.edits}
+    return sum(math.prod(by_id[a].weights.shape(k)) * itemsize for a, k in keys)
+
+
+def _work_copies(planned: PlannedTensor) -> int:
+    """Working-precision tensors of the output's size alive while `planned` is computed."""
+    in_buffers = all(isinstance(getattr(e, "factors", None), LoraFactors) for e in planned.edits)
+    return LORA_WORK_COPIES if in_buffers else OTHER_WORK_COPIES
+
+
+def streaming_working_set(plan: MergePlan) -> tuple[dict[str, int], str | None]:
+    """Bytes above the baseline while `write_plan` streams `plan`, by term, and the tensor that sizes them.
+
+    The engine's buffers grow to the largest edited tensor and stay: the fp32 working copies and the ring of
+    output buffers. On top, the tensor being computed and up to IN_FLIGHT later ones are held as raw input
+    (untouched tensors are byte-range copies and hold nothing), and one module's factors are loaded.
+    """
+    jobs: list[PlannedTensor | None] = []  # one entry per engine job; None for a run of byte-range copies
+    for planned in plan.tensors:
+        if planned.is_copy:
+            if not jobs or jobs[-1] is not None:
+                jobs.append(None)
+            continue
+        jobs.append(planned)
+    work = factors = raw = 0
+    ring = [0] * OUTPUT_BUFFERS  # each ring buffer grows to the largest output that lands in it, in turn
+    largest = None
+    edited = 0
+    for i, planned in enumerate(jobs):
+        if planned is None:
+            continue
+        edited += 1
+        size = math.prod(planned.output.shape) * working_dtype(planned.source).itemsize * _work_copies(planned)
+        if size > work:
+            work, largest = size, planned.name
+        turn = edited % OUTPUT_BUFFERS
+        ring[turn] = max(ring[turn], planned.output.nbytes)
+        factors = max(factors, _edit_factor_bytes(planned))
+        raw = max(raw, sum(j.source.nbytes for j in jobs[i : i + 1 + IN_FLIGHT] if j is not None))
+    outputs = sum(ring)
+    terms = {
+        "fp32 working copies": work,
+        f"{OUTPUT_BUFFERS} output buffers": outputs,
+        f"raw inputs (1 + {IN_FLIGHT} read ahead)": raw,
+        "one module's factors": factors,
+    }
+    return terms, largest
+
+
+def predict(
+    base: CheckpointIndex, adapters: list[Adapter], device: str = "cpu", baseline: int | None = None
+) -> Prediction:
+    """Predict both paths' peaks from the plan alone: nothing is loaded but headers and configs."""
+    plan = build_plan(base, adapters)
+    anon, file = read_rss()
+    baseline = anon if baseline is None else baseline
+    cuda = device.startswith("cuda")  # a prediction for a GPU this machine may not have
+    own_itemsize = SAFETENSORS_TO_TORCH[_dtype_of(base)].itemsize
+    adapter_params = _adapter_params(adapters)
+    adapter_fp32 = adapter_params * 4  # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype)
+    memory = psutil.virtual_memory()
+
+    def in_memory(itemsize: int, label: str) -> PathEstimate:
+        model = _model_bytes(base, itemsize)
+        terms = {
+            "python + torch + transformers + peft": baseline + HF_IMPORT_BYTES,
+            "shared libraries (file-backed)": file,
+            "base model": model,
+            "adapter (fp32)": adapter_fp32,
+            # Converting while loading keeps the mapped shards resident beside the converted copy.
+            "mapped shards while converting": base.file_bytes if itemsize != own_itemsize else 0,
+        }
+        gpu = None
+        if cuda:
+            gpu = model + adapter_fp32  # device_map puts the whole model on the GPU
+            terms["base model"] = 0
+        peak = sum(terms.values())
+        return PathEstimate(label, peak, gpu, peak <= memory.available, terms)
+
+    working, largest = streaming_working_set(plan)
+    stream_terms = {"python + torch (measured)": baseline, **working}
+    streaming_gpu = None
+    if cuda:
+        # On the GPU: the working copies, the output ring and one module's factors; the raw inputs stay on the host.
+        streaming_gpu = sum(v for k, v in working.items() if not k.startswith("raw"))
+        # The host keeps the raw inputs and receives each output (`.cpu()` copies), but no fp32 working copies.
+        stream_terms = {k: v for k, v in stream_terms.items() if not k.startswith(("fp32", "one module"))}
+        stream_terms["CUDA runtime (not measured until used)"] = 0
+    stream_peak = sum(stream_terms.values())
+    own = in_memory(own_itemsize, f"transformers + PEFT ({_torch_name(_dtype_of(base))})")
+    fp32 = in_memory(4, "transformers + PEFT (float32)")
+    streaming = PathEstimate(
+        "loractl merge (streaming)", stream_peak, streaming_gpu, stream_peak <= memory.available, stream_terms
+    )
+    return Prediction(
+        in_memory_peak_bytes=own.peak_bytes,
+        in_memory_fp32_peak_bytes=fp32.peak_bytes,
+        streaming_peak_bytes=stream_peak,
+        in_memory_gpu_bytes=own.gpu_bytes,
+        streaming_gpu_bytes=streaming_gpu,
+        baseline_bytes=baseline,
+        largest_edited_tensor=largest,
+        tensors_edited=len(plan.edited),
+        base_bytes=base.total_bytes,
+        adapter_bytes=sum(a.weights.nbytes(k) for a in adapters for k in a.weights.keys()),  # noqa: SIM118
+        total_ram_bytes=memory.total,
+        available_ram_bytes=memory.available,
+        paths=[own, streaming] if own_itemsize == 4 else [own, fp32, streaming],
+    )
+
+
+def _torch_name(dtype: str) -> str:
+    return str(SAFETENSORS_TO_TORCH[dtype]).removeprefix("torch.")
+
+
+def phase_peaks(samples: list[MemorySample]) -> list[PhasePeak]:
+    """The timeline folded into one row per phase, in order: how long it lasted and its peaks."""
+    peaks: list[PhasePeak] = []
+    for sample in samples:
+        if not peaks or peaks[-1].phase != sample.phase:
+            peaks.append(PhasePeak(sample.phase, sample.seconds, 0, 0))
+        row = peaks[-1]
+        row.peak_anon_bytes = max(row.peak_anon_bytes, sample.anon)
+        row.peak_file_bytes = max(row.peak_file_bytes, sample.file)
+    for row, following in zip(peaks, [*peaks[1:], None], strict=True):
+        end = following.seconds if following is not None else samples[-1].seconds
+        row.seconds = end - row.seconds
+    return peaks
+
+
+def _thin(samples: list[MemorySample]) -> list[MemorySample]:
+    """Every k-th sample, so that a long run's timeline stays a readable size in --json."""
+    step = max(1, math.ceil(len(samples) / TIMELINE_POINTS))
+    return samples[::step]
+
+
+def _peak_rss(samples: list[MemorySample]) -> int:
+    return max((s.anon + s.file for s in samples), default=0)
+
+
+def measure_streaming(base: ResolvedSource, adapters: list[AdapterSpec], device: str = "cpu") -> Measurement:
+    """Run loractl's merge into a temporary folder (deleted after) while sampling this process's memory."""
+    with tempfile.TemporaryDirectory(prefix="loractl-memory-") as tmp, MemoryMonitor(phase="load") as monitor:
+        started = time.perf_counter()
+
+        def planned(plan: MergePlan) -> None:
+            monitor.phase = "merge+write"
+
+        merge(base, adapters, Path(tmp) / "merged", WriteOptions(device=device), on_plan=planned)
+        monitor.phase = "done"
+        seconds = time.perf_counter() - started
+    return Measurement(
+        path="loractl merge (streaming)",
+        peak_anon_bytes=monitor.peak_anon,
+        peak_file_bytes=monitor.peak_file,
+        peak_rss_bytes=_peak_rss(monitor.samples),
+        baseline_anon_bytes=monitor.baseline_anon,
+        seconds=seconds,
+        phases=phase_peaks(monitor.samples),
+        timeline=_thin(monitor.samples),
+    )
+
+
+def reference_available() -> bool:
+    return importlib.util.find_spec("peft") is not None and importlib.util.find_spec("transformers") is not None
+
+
+def measure_reference(base: Path, adapter: Path, dtype: str = "auto") -> Measurement:
+    """Run transformers + PEFT in a subprocess and sample its /proc status; phases come from its stdout."""
+    label = f"transformers + PEFT ({dtype})"
+    with tempfile.TemporaryDirectory(prefix="loractl-memory-ref-") as tmp:
+        command = [sys.executable, "-m", REFERENCE_MODULE, str(base), str(adapter), str(Path(tmp) / "out")]
+        child = subprocess.Popen(
+            [*command, "--dtype", dtype], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        started = time.perf_counter()
+        monitor = MemoryMonitor(pid=child.pid)
+        stderr: list[str] = []
+        result: dict = {}
+
+        def read_stdout() -> None:
+            assert child.stdout is not None
+            for line in child.stdout:
+                if line.startswith(PHASE_PREFIX):
+                    monitor.phase = line[len(PHASE_PREFIX) :].strip()
+                elif line.startswith(RESULT_PREFIX):
+                    result.update(json.loads(line[len(RESULT_PREFIX) :]))
+
+        def read_stderr() -> None:
+            assert child.stderr is not None
+            stderr.extend(child.stderr)
+
+        readers = [threading.Thread(target=read_stdout, daemon=True), threading.Thread(target=read_stderr, daemon=True)]
+        for reader in readers:
+            reader.start()
+        with monitor:
+            child.wait()
+        for reader in readers:
+            reader.join()
+    error = None if child.returncode == 0 else (stderr[-1].strip() if stderr else f"exit {child.returncode}")
+    samples = [s for s in monitor.samples if s.anon or s.file]
+    if result.get("loaded_dtype"):
+        label = f"transformers + PEFT ({result['loaded_dtype']})"
+    return Measurement(
+        path=label,
+        peak_anon_bytes=monitor.peak_anon,
+        peak_file_bytes=monitor.peak_file,
+        peak_rss_bytes=_peak_rss(samples),
+        baseline_anon_bytes=0,
+        seconds=time.perf_counter() - started,
+        phases=phase_peaks(samples) if samples else [],
+        timeline=_thin(samples),
+        error=error,
+    )
+
+
+def memory_report(
+    base: ResolvedSource,
+    adapters: list[AdapterSpec],
+    *,
+    device: str = "cpu",
+    measure: bool = False,
+    measure_reference_dtypes: tuple[str, ...] = (),
+) -> MemoryReport:
+    """Predict (always), then measure loractl's merge and the transformers + PEFT path when asked."""
+    index = open_checkpoint(base.path)
+    loaded = load_adapters(adapters)
+    prediction = predict(index, loaded, device)
+    report = MemoryReport(base=base.ref, adapters=[a.label for a in loaded], device=device, predicted=prediction)
+    if measure:
+        report.measured["streaming"] = measure_streaming(base, adapters, device)
+    if measure_reference_dtypes and len(adapters) == 1:
+        own_is_fp32 = len(prediction.paths) == 2
+        for dtype in measure_reference_dtypes:
+            if dtype == "float32" and own_is_fp32:
+                continue  # "auto" already loads this base in float32
+            report.measured[f"in_memory_{dtype}"] = measure_reference(base.path, adapters[0].source.path, dtype)
+    return report
+
+
+__all__ = ["MemoryReport", "Prediction", "memory_report", "predict"]
