@@ -162,11 +162,16 @@ def _raise_write_error(exc: OSError, path: Path) -> None:
     raise OutputError(f"write failed: {exc.strerror}", path=path) from None
 
 
+# Writes go out in slices: one write() of a whole tensor (tens of MB) measured several times slower here than
+# the same bytes in 8 MiB slices.
+WRITE_SLICE = 8 * 1024 * 1024
+
+
 def _write_all(fd: int, data: bytes | memoryview, path: Path) -> None:
     view = memoryview(data).cast("B")
     try:
         while view:
-            written = os.write(fd, view)
+            written = os.write(fd, view[:WRITE_SLICE])
             view = view[written:]
     except OSError as exc:
         _raise_write_error(exc, path)
