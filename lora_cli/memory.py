@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import torch
 
-from lora_cli.adapters.base import Adapter
-from lora_cli.adapters.lora import LoraFactors
+from lora_cli.adapters.base import Adapter, EditContext, Shape, TensorEdit
 from lora_cli.engine import WriteOptions, _OutputRing
 from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, is_float
@@ -40,15 +40,16 @@ from lora_cli.stream import Pipeline
 # tensor being computed, up to depth + 1 raw inputs are read ahead.
 PIPELINE_DEPTH: int = pyinspect.signature(Pipeline.__init__).parameters["depth"].default
 IN_FLIGHT = PIPELINE_DEPTH + 1
-# The engine computes in reused buffers (`Workspace`): one fp32 copy of the weight, LoRA's product B @ A written
-# into a second one, and a ring of output buffers that the writer drains (`engine._OutputRing`).
+# The engine computes in reused buffers (`Workspace`) and writes into a ring of output buffers that the writer
+# drains (`engine._OutputRing`). On the CPU, a chain of additive edits (`additive_delta`) is fused: each edit's
+# delta is one working-size tensor and W + delta is formed chunk by chunk straight into the output buffer. Any
+# other chain runs on a working copy of W, plus the edit's delta and one temporary.
 OUTPUT_BUFFERS: int = _OutputRing.SIZE
-LORA_WORK_COPIES = 2
-# Other types compute their delta into a fresh tensor and add it out of place: one more working-size tensor.
-OTHER_WORK_COPIES = 3
-# transformers and peft imported on top of python + torch, anonymous and file-backed together (measured: about
-# 160 MiB with transformers 5.23 and peft 0.21).
-HF_IMPORT_BYTES = 160 * 2**20
+UNFUSED_WORK_COPIES = 3
+# A fresh python process with torch, transformers and peft imported, anonymous and file-backed (shared libraries)
+# together: measured 389 MiB with torch 2.13, transformers 5.23 and peft 0.21 (the reference runs in its own process,
+# so this process's size, which may hold anything, is not used for it).
+REFERENCE_PROCESS_BYTES = 390 * 2**20
 REFERENCE_MODULE = "lora_cli.peft_reference"
 TIMELINE_POINTS = 100
 
@@ -102,6 +103,11 @@ class Measurement:
     phases: list[PhasePeak]
     timeline: list[MemorySample] = field(default_factory=list)  # at most TIMELINE_POINTS samples
     error: str | None = None
+    # The kernel's exact resident high-water mark (VmHWM, anonymous + file-backed) over the run, and the resident
+    # size when it started: samples every 20 ms can miss a transient peak, the kernel cannot. None where unsupported.
+    kernel_peak_rss_bytes: int | None = None
+    start_rss_bytes: int | None = None
+    peak_gpu_bytes: int | None = None  # torch's max allocated, for a merge run on CUDA
 
 
 @dataclass
@@ -142,16 +148,31 @@ def _edit_factor_bytes(planned: PlannedTensor) -> int:
     return sum(math.prod(by_id[a].weights.shape(k)) * itemsize for a, k in keys)
 
 
-def _work_copies(planned: PlannedTensor) -> int:
+def _is_additive(edit: TensorEdit, shape: Shape, seen: dict[type, bool]) -> bool:
+    """Whether the edit gives an `additive_delta`: asked once per edit class, on the meta device (no arithmetic)."""
+    kind = type(edit)
+    if kind not in seen:
+        try:
+            ctx = EditContext(edit.adapter, torch.device("meta"), torch.float32)
+            seen[kind] = edit.additive_delta(shape, ctx) is not None
+        except (RuntimeError, NotImplementedError, ValueError):
+            seen[kind] = False  # an operation meta tensors lack: assume the unfused, larger working set
+    return seen[kind]
+
+
+def _work_copies(planned: PlannedTensor, fused_device: bool, seen: dict[type, bool]) -> int:
     """Working-precision tensors of the output's size alive while `planned` is computed."""
-    in_buffers = all(isinstance(getattr(e, "factors", None), LoraFactors) for e in planned.edits)
-    return LORA_WORK_COPIES if in_buffers else OTHER_WORK_COPIES
+    shape = tuple(planned.source.shape)
+    fused = fused_device and shape == tuple(planned.output.shape)
+    if fused and all(_is_additive(edit, shape, seen) for edit in planned.edits):
+        return len(planned.edits)
+    return UNFUSED_WORK_COPIES
 
 
-def streaming_working_set(plan: MergePlan) -> tuple[dict[str, int], str | None]:
+def streaming_working_set(plan: MergePlan, device: str = "cpu") -> tuple[dict[str, int], str | None]:
     """Bytes above the baseline while `write_plan` streams `plan`, by term, and the tensor that sizes them.
 
-    The engine's buffers grow to the largest edited tensor and stay: the fp32 working copies and the ring of
+    The engine's buffers grow to the largest edited tensor and stay: the fp32 deltas (and working copy) and the ring of
     output buffers. On top, the tensor being computed and up to IN_FLIGHT later ones are held as raw input
     (untouched tensors are byte-range copies and hold nothing), and one module's factors are loaded.
     """
@@ -163,6 +184,7 @@ def streaming_working_set(plan: MergePlan) -> tuple[dict[str, int], str | None]:
             continue
         jobs.append(planned)
     work = factors = raw = 0
+    seen: dict[type, bool] = {}
     ring = [0] * OUTPUT_BUFFERS  # each ring buffer grows to the largest output that lands in it, in turn
     largest = None
     edited = 0
@@ -170,7 +192,8 @@ def streaming_working_set(plan: MergePlan) -> tuple[dict[str, int], str | None]:
         if planned is None:
             continue
         edited += 1
-        size = math.prod(planned.output.shape) * working_dtype(planned.source).itemsize * _work_copies(planned)
+        copies = _work_copies(planned, not device.startswith("cuda"), seen)
+        size = math.prod(planned.output.shape) * working_dtype(planned.source).itemsize * copies
         if size > work:
             work, largest = size, planned.name
         turn = edited % OUTPUT_BUFFERS
@@ -179,7 +202,7 @@ def streaming_working_set(plan: MergePlan) -> tuple[dict[str, int], str | None]:
         raw = max(raw, sum(j.source.nbytes for j in jobs[i : i + 1 + IN_FLIGHT] if j is not None))
     outputs = sum(ring)
     terms = {
-        "fp32 working copies": work,
+        "fp32 deltas / working copies": work,
         f"{OUTPUT_BUFFERS} output buffers": outputs,
         f"raw inputs (1 + {IN_FLIGHT} read ahead)": raw,
         "one module's factors": factors,
@@ -192,8 +215,6 @@ def predict(
 ) -> Prediction:
     """Predict both paths' peaks from the plan alone: nothing is loaded but headers and configs."""
     plan = build_plan(base, adapters)
-    anon, file = read_rss()
-    baseline = anon if baseline is None else baseline
     cuda = device.startswith("cuda")  # a prediction for a GPU this machine may not have
     own_itemsize = SAFETENSORS_TO_TORCH[_dtype_of(base)].itemsize
     adapter_params = _adapter_params(adapters)
@@ -203,8 +224,7 @@ def predict(
     def in_memory(itemsize: int, label: str) -> PathEstimate:
         model = _model_bytes(base, itemsize)
         terms = {
-            "python + torch + transformers + peft": baseline + HF_IMPORT_BYTES,
-            "shared libraries (file-backed)": file,
+            "python + torch + transformers + peft": REFERENCE_PROCESS_BYTES,
             "base model": model,
             "adapter (fp32)": adapter_fp32,
             # Converting while loading keeps the mapped shards resident beside the converted copy.
@@ -217,7 +237,9 @@ def predict(
         peak = sum(terms.values())
         return PathEstimate(label, peak, gpu, peak <= memory.available, terms)
 
-    working, largest = streaming_working_set(plan)
+    working, largest = streaming_working_set(plan, device)
+    # Measured after planning: a merge holds the plan, the adapters' headers and the modules they imported too.
+    baseline = read_rss()[0] if baseline is None else baseline
     stream_terms = {"python + torch (measured)": baseline, **working}
     streaming_gpu = None
     if cuda:
@@ -278,17 +300,41 @@ def _peak_rss(samples: list[MemorySample]) -> int:
     return max((s.anon + s.file for s in samples), default=0)
 
 
+def _status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux `clear_refs` 5); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def measure_streaming(base: ResolvedSource, adapters: list[AdapterSpec], device: str = "cpu") -> Measurement:
     """Run loractl's merge into a temporary folder (deleted after) while sampling this process's memory."""
+    exact = _reset_peak_rss()
+    start_rss = _status_kib("VmRSS") if exact else None
     with tempfile.TemporaryDirectory(prefix="loractl-memory-") as tmp, MemoryMonitor(phase="load") as monitor:
         started = time.perf_counter()
 
         def planned(plan: MergePlan) -> None:
             monitor.phase = "merge+write"
 
-        merge(base, adapters, Path(tmp) / "merged", WriteOptions(device=device), on_plan=planned)
+        summary = merge(base, adapters, Path(tmp) / "merged", WriteOptions(device=device), on_plan=planned)
         monitor.phase = "done"
         seconds = time.perf_counter() - started
+        kernel_peak = _status_kib("VmHWM") if exact else None
     return Measurement(
         path="loractl merge (streaming)",
         peak_anon_bytes=monitor.peak_anon,
@@ -298,6 +344,9 @@ def measure_streaming(base: ResolvedSource, adapters: list[AdapterSpec], device:
         seconds=seconds,
         phases=phase_peaks(monitor.samples),
         timeline=_thin(monitor.samples),
+        kernel_peak_rss_bytes=kernel_peak,
+        start_rss_bytes=start_rss,
+        peak_gpu_bytes=summary.peak_gpu_bytes,
     )
 
 

@@ -68,14 +68,8 @@ def render_adapter(output: Output, report: AdapterReport) -> None:
     columns.append("note")
     for column in columns:
         justify = "left" if column in ("tensor", "kind", "note") else "right"
-        # Numbers never wrap; a long tensor name folds rather than losing its end, and the note keeps some room.
-        table.add_column(
-            column,
-            justify=justify,
-            no_wrap=column not in ("tensor", "note"),
-            overflow="fold",
-            min_width=18 if column == "note" else None,
-        )
+        # Only the note wraps: tensor names and numbers stay whole on one line.
+        table.add_column(column, justify=justify, no_wrap=column != "note", min_width=16 if column == "note" else None)
     for module in report.modules:
         cells = [
             module.name,
@@ -151,7 +145,8 @@ def inspect_command(
     Norms come from the factors (QR and an r x r SVD for LoRA), never from the full matrix. With --base, also
     check that the adapter fits (exit 2 naming the tensors that do not), print PEFT's trainable-parameters line,
     and per module |delta|_F/|W|_F and the LoRA paper's amplification factor |delta|_F/|U^T W V|_F (U, V the
-    delta's top-r singular vectors). Given a model checkpoint instead, describe it and its loractl provenance.
+    delta's top-r singular vectors). Effective rank = exp(entropy of the singular values normalised to sum 1):
+    k equal singular values give k. Given a model checkpoint instead, describe it and its loractl provenance.
     """
     output = Output(json_mode=json_output, quiet=quiet)
     with user_errors(debug):

@@ -69,6 +69,11 @@ def render_memory(output: Output, report: MemoryReport) -> None:
         else:
             line = f"peak resident {human_bytes(measured.peak_rss_bytes)} vs predicted {human_bytes(guess)}"
         output.line(f"{measured.path}: {line} ({measured.seconds:.1f} s)")
+        if measured.peak_gpu_bytes is not None:
+            output.line(
+                f"  peak GPU memory {human_bytes(measured.peak_gpu_bytes)} vs predicted "
+                f"{human_bytes(predicted.streaming_gpu_bytes)}"
+            )
 
 
 def memory_command(
