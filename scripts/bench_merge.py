@@ -60,6 +60,7 @@ def log(msg: str) -> None:
 # Process-tree memory sampling
 # ----------------------------------------------------------------------------------------------------
 
+
 def _ppid_map() -> dict[int, int]:
     """pid -> parent pid for every process we can see (``/proc/<pid>/stat``, field after the comm)."""
     out: dict[int, int] = {}
@@ -71,7 +72,7 @@ def _ppid_map() -> dict[int, int]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rfind(b")") + 2:].split()
+        fields = stat[stat.rfind(b")") + 2 :].split()
         out[int(entry.name)] = int(fields[1])
     return out
 
@@ -154,6 +155,7 @@ class TreeSampler(threading.Thread):
 # Page cache and files
 # ----------------------------------------------------------------------------------------------------
 
+
 def files_under(path: Path) -> list[Path]:
     return [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else []
 
@@ -217,6 +219,7 @@ def default_workdir_parent() -> Path:
 # Machine
 # ----------------------------------------------------------------------------------------------------
 
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -232,8 +235,13 @@ def gpu_name() -> str | None:
     if not torch.cuda.is_available():
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
         return out.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         return torch.cuda.get_device_name(0)
@@ -254,6 +262,7 @@ def machine_info() -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # Methods and runs
 # ----------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Method:
@@ -298,14 +307,41 @@ def build_methods(base: Path, adapter: Path, devices: Sequence[str], args: argpa
     if not args.skip_loractl:
         cmd, env = loractl_command(args.loractl)
         for dev in devices:
-            methods.append(Method(f"loractl-{dev}", lambda out, dev=dev: [
-                *cmd, "merge", str(base), str(adapter), str(out), "--device", dev, "--json", "--quiet"],
-                env=env, parse_json=True))
+            methods.append(
+                Method(
+                    f"loractl-{dev}",
+                    lambda out, dev=dev: [
+                        *cmd,
+                        "merge",
+                        str(base),
+                        str(adapter),
+                        str(out),
+                        "--device",
+                        dev,
+                        "--json",
+                        "--quiet",
+                    ],
+                    env=env,
+                    parse_json=True,
+                )
+            )
     if not args.skip_peft:
         for dev in devices:
-            methods.append(Method(f"peft-{dev}", lambda out, dev=dev: [
-                sys.executable, str(PEFT_SCRIPT), str(base), str(adapter), str(out), "--device", dev],
-                parse_json=True))
+            methods.append(
+                Method(
+                    f"peft-{dev}",
+                    lambda out, dev=dev: [
+                        sys.executable,
+                        str(PEFT_SCRIPT),
+                        str(base),
+                        str(adapter),
+                        str(out),
+                        "--device",
+                        dev,
+                    ],
+                    parse_json=True,
+                )
+            )
     return methods
 
 
@@ -349,8 +385,13 @@ def run_measured(method: Method, out: Path, repeat: int, logs: Path, timeout: fl
     stdout = stdout_path.read_text(errors="replace")
     stderr = stderr_path.read_text(errors="replace")
     return RunResult(
-        method=method.name, repeat=repeat, wall_s=wall, returncode=returncode, peaks=peaks,
-        kernel_maxrss_bytes=rusage.ru_maxrss * 1024, out_bytes=synthetic.checkpoint_bytes(out),
+        method=method.name,
+        repeat=repeat,
+        wall_s=wall,
+        returncode=returncode,
+        peaks=peaks,
+        kernel_maxrss_bytes=rusage.ru_maxrss * 1024,
+        out_bytes=synthetic.checkpoint_bytes(out),
         report=parse_json_report(stdout) if method.parse_json else None,
         stderr_tail="\n".join(stderr.strip().splitlines()[-15:]),
     )
@@ -377,6 +418,7 @@ def _wait(proc: subprocess.Popen, timeout: float | None) -> tuple[int, Any]:
 # ----------------------------------------------------------------------------------------------------
 # Correctness spot check (--check)
 # ----------------------------------------------------------------------------------------------------
+
 
 def _tensor_files(model_dir: Path) -> dict[str, Path]:
     from safetensors import safe_open
@@ -415,15 +457,21 @@ def compare_outputs(base: Path, ours: Path, ref: Path, layers: int) -> dict[str,
         diff = (o - r).abs().max().item()
         worst = max(worst, diff)
         changed = max(changed, (o - b).abs().max().item())
-        ok &= diff <= 2 * 2.0 ** -8 * r.abs().max().item() + 1e-12
+        ok &= diff <= 2 * 2.0**-8 * r.abs().max().item() + 1e-12
     ok &= changed > 0
-    return {"tensors_compared": len(names), "name_mismatches": missing[:10], "max_abs_diff": worst,
-            "max_change_vs_base": changed, "pass": bool(ok)}
+    return {
+        "tensors_compared": len(names),
+        "name_mismatches": missing[:10],
+        "max_abs_diff": worst,
+        "max_change_vs_base": changed,
+        "pass": bool(ok),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Summary:
@@ -449,22 +497,38 @@ def summarize(results: list[RunResult], ckpt_bytes: int) -> list[Summary]:
     for n in names:
         runs = ok[n]
         if not runs:
-            out.append(Summary(n, float("nan"), None, float("nan"), *(float("nan"),) * 4, 0,
-                               sum(r.method == n for r in results)))
+            out.append(
+                Summary(
+                    n, float("nan"), None, float("nan"), *(float("nan"),) * 4, 0, sum(r.method == n for r in results)
+                )
+            )
             continue
         wall = statistics.median(r.wall_s for r in runs)
-        numeric_keys = {k for r in runs if r.report for k, v in r.report.items()
-                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self_report = {k: statistics.median(r.report[k] for r in runs if r.report and k in r.report)
-                       for k in sorted(numeric_keys)}
-        out.append(Summary(
-            method=n, wall_s=wall, ratio=wall / floor if floor else None, gb_per_s=ckpt_bytes / wall / 1e9,
-            peak_anon_mib=max(r.peaks.anon for r in runs) / MiB, peak_file_mib=max(r.peaks.file for r in runs) / MiB,
-            peak_total_mib=max(r.peaks.total for r in runs) / MiB,
-            kernel_maxrss_mib=max(r.kernel_maxrss_bytes for r in runs) / MiB,
-            runs=len(runs), failures=sum(r.method == n and r.returncode != 0 for r in results),
-            self_report=self_report,
-        ))
+        numeric_keys = {
+            k
+            for r in runs
+            if r.report
+            for k, v in r.report.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        self_report = {
+            k: statistics.median(r.report[k] for r in runs if r.report and k in r.report) for k in sorted(numeric_keys)
+        }
+        out.append(
+            Summary(
+                method=n,
+                wall_s=wall,
+                ratio=wall / floor if floor else None,
+                gb_per_s=ckpt_bytes / wall / 1e9,
+                peak_anon_mib=max(r.peaks.anon for r in runs) / MiB,
+                peak_file_mib=max(r.peaks.file for r in runs) / MiB,
+                peak_total_mib=max(r.peaks.total for r in runs) / MiB,
+                kernel_maxrss_mib=max(r.kernel_maxrss_bytes for r in runs) / MiB,
+                runs=len(runs),
+                failures=sum(r.method == n and r.returncode != 0 for r in results),
+                self_report=self_report,
+            )
+        )
     return out
 
 
@@ -476,21 +540,40 @@ def evaluate_targets(summaries: list[Summary], size: str) -> list[dict[str, Any]
         if not s.method.startswith("loractl"):
             continue
         ratio_ok = s.ratio is not None and s.ratio <= RATIO_TARGET
-        targets.append({"target": f"{s.method} wall <= {RATIO_TARGET}x copy floor",
-                        "value": f"{s.ratio:.2f}x" if s.ratio is not None else "n/a", "pass": ratio_ok})
-        targets.append({"target": f"{s.method} peak anon RSS < {limit:.0f} MiB",
-                        "value": f"{s.peak_anon_mib:.0f} MiB", "pass": s.peak_anon_mib < limit})
+        targets.append(
+            {
+                "target": f"{s.method} wall <= {RATIO_TARGET}x copy floor",
+                "value": f"{s.ratio:.2f}x" if s.ratio is not None else "n/a",
+                "pass": ratio_ok,
+            }
+        )
+        targets.append(
+            {
+                "target": f"{s.method} peak anon RSS < {limit:.0f} MiB",
+                "value": f"{s.peak_anon_mib:.0f} MiB",
+                "pass": s.peak_anon_mib < limit,
+            }
+        )
     return targets
 
 
 def format_table(summaries: list[Summary], markdown: bool) -> str:
     header = ["method", "wall s (median)", "x copy floor", "GB/s", "peak anon RSS MiB", "peak file RSS MiB"]
-    rows = [[s.method, f"{s.wall_s:.2f}", f"{s.ratio:.2f}" if s.ratio is not None else "n/a",
-             _fmt_rate(s.gb_per_s), f"{s.peak_anon_mib:.0f}", f"{s.peak_file_mib:.0f}"]
-            + ([f"({s.failures} failed)"] if s.failures else []) for s in summaries]
+    rows = [
+        [
+            s.method,
+            f"{s.wall_s:.2f}",
+            f"{s.ratio:.2f}" if s.ratio is not None else "n/a",
+            _fmt_rate(s.gb_per_s),
+            f"{s.peak_anon_mib:.0f}",
+            f"{s.peak_file_mib:.0f}",
+        ]
+        + ([f"({s.failures} failed)"] if s.failures else [])
+        for s in summaries
+    ]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-        lines += ["| " + " | ".join(r[:len(header)]) + " |" for r in rows]
+        lines += ["| " + " | ".join(r[: len(header)]) + " |" for r in rows]
         return "\n".join(lines)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
 
@@ -498,36 +581,55 @@ def format_table(summaries: list[Summary], markdown: bool) -> str:
         return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
     lines = [fmt(header), fmt(["-" * w for w in widths])]
-    lines += [fmt(r[:len(header)]) + ("  " + " ".join(r[len(header):]) if len(r) > len(header) else "") for r in rows]
+    lines += [fmt(r[: len(header)]) + ("  " + " ".join(r[len(header) :]) if len(r) > len(header) else "") for r in rows]
     return "\n".join(lines)
 
 
-def print_report(info: dict[str, Any], summaries: list[Summary], targets: list[dict[str, Any]],
-                 check: dict[str, Any] | None, markdown: bool) -> None:
+def print_report(
+    info: dict[str, Any],
+    summaries: list[Summary],
+    targets: list[dict[str, Any]],
+    check: dict[str, Any] | None,
+    markdown: bool,
+) -> None:
     gpu = f", GPU {info['machine']['gpu']}" if info["machine"]["gpu"] else ""
     m = info["machine"]
     print(f"Machine: {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['cpu']}{gpu}")
     c = info["checkpoint"]
-    print(f"Checkpoint: {c['size']} x{c['layers_mult']} ({c['layers']} layers), {c['bytes'] / 1e9:.2f} GB bf16 "
-          f"in {c['shards']} shards; adapter rank {c['rank']} on {len(synthetic.ALL_LINEAR)} modules/layer, "
-          f"{c['adapter_bytes'] / 1e6:.0f} MB fp32; {info['repeats']} repeats, input cache {info['cache']}; "
-          f"workdir on {info['workdir_fs'] or '?'}")
+    print(
+        f"Checkpoint: {c['size']} x{c['layers_mult']} ({c['layers']} layers), {c['bytes'] / 1e9:.2f} GB bf16 "
+        f"in {c['shards']} shards; adapter rank {c['rank']} on {len(synthetic.ALL_LINEAR)} modules/layer, "
+        f"{c['adapter_bytes'] / 1e6:.0f} MB fp32; {info['repeats']} repeats, input cache {info['cache']}; "
+        f"workdir on {info['workdir_fs'] or '?'}"
+    )
     print()
     print(format_table(summaries, markdown))
     print()
     for s in summaries:
         if s.self_report:
-            keys = ("seconds", "bytes_written", "peak_rss_anon_bytes", "peak_rss_file_bytes", "load_base_s",
-                    "load_adapter_s", "merge_s", "save_s", "sync_s", "cuda_max_allocated_bytes")
+            keys = (
+                "seconds",
+                "bytes_written",
+                "peak_rss_anon_bytes",
+                "peak_rss_file_bytes",
+                "load_base_s",
+                "load_adapter_s",
+                "merge_s",
+                "save_s",
+                "sync_s",
+                "cuda_max_allocated_bytes",
+            )
             shown = ", ".join(_fmt_self(k, s.self_report[k]) for k in keys if k in s.self_report)
             print(f"{s.method} self-report (median): {shown}")
     print()
     for t in targets:
         print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['value']}")
     if check is not None:
-        print(f"{'PASS' if check['pass'] else 'FAIL'}  loractl-cpu output matches peft-cpu: "
-              f"max |diff| {check['max_abs_diff']:.3g} over {check['tensors_compared']} tensors "
-              f"(merge changed weights by up to {check['max_change_vs_base']:.3g})")
+        print(
+            f"{'PASS' if check['pass'] else 'FAIL'}  loractl-cpu output matches peft-cpu: "
+            f"max |diff| {check['max_abs_diff']:.3g} over {check['tensors_compared']} tensors "
+            f"(merge changed weights by up to {check['max_change_vs_base']:.3g})"
+        )
 
 
 def _fmt_self(key: str, value: float) -> str:
@@ -547,14 +649,20 @@ def _fmt_rate(gb_per_s: float) -> str:
 # Main
 # ----------------------------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size", choices=sorted(synthetic.SHAPES), default="1b", help="model shape (default 1b)")
     p.add_argument("--layers-mult", type=int, default=1, help="multiply the number of layers (memory must not grow)")
     p.add_argument("--repeats", type=int, default=3, help="runs per method; the median wall time is reported")
-    p.add_argument("--device", choices=("cpu", "cuda", "both"), default=None,
-                   help="which merge devices to bench (default: both if CUDA is available, else cpu)")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "both"),
+        default=None,
+        help="which merge devices to bench (default: both if CUDA is available, else cpu)",
+    )
     p.add_argument("--skip-peft", action="store_true", help="do not run the transformers + PEFT baseline")
     p.add_argument("--skip-loractl", action="store_true", help="do not run loractl (test the harness alone)")
     p.add_argument("--loractl", metavar="CMD", help="command for loractl (default: loractl or python -m lora_cli)")
@@ -599,10 +707,12 @@ def build_inputs(workdir: Path, size: str, shape: synthetic.LlamaShape, args: ar
     """Build (or reuse) the synthetic base checkpoint and adapter; log how long it took."""
     tag = f"{size}-x{args.layers_mult}"
     t = time.perf_counter()
-    base = synthetic.write_llama_checkpoint(workdir / f"llama-{tag}", shape, shard_bytes=args.shard_mb * MiB,
-                                            progress=log)
-    adapter = synthetic.write_lora_adapter(workdir / f"lora-{tag}-r{args.rank}", shape, rank=args.rank,
-                                           alpha=2 * args.rank, base_model=str(base))
+    base = synthetic.write_llama_checkpoint(
+        workdir / f"llama-{tag}", shape, shard_bytes=args.shard_mb * MiB, progress=log
+    )
+    adapter = synthetic.write_lora_adapter(
+        workdir / f"lora-{tag}-r{args.rank}", shape, rank=args.rank, alpha=2 * args.rank, base_model=str(base)
+    )
     log(f"inputs ready in {time.perf_counter() - t:.1f} s: {base}, {adapter}")
     return base, adapter
 
@@ -623,8 +733,14 @@ def check_peft_diagnostics(result: RunResult, shape: synthetic.LlamaShape) -> No
         log(f"{result.method}: transformers loaded all tensors, PEFT found all {expected} LoRA modules")
 
 
-def run_all(methods: list[Method], base: Path, adapter: Path, workdir: Path, shape: synthetic.LlamaShape,
-            args: argparse.Namespace) -> tuple[list[RunResult], dict[str, Any] | None]:
+def run_all(
+    methods: list[Method],
+    base: Path,
+    adapter: Path,
+    workdir: Path,
+    shape: synthetic.LlamaShape,
+    args: argparse.Namespace,
+) -> tuple[list[RunResult], dict[str, Any] | None]:
     """Run every method once per repeat, rotating the order each repeat; optionally --check the last one."""
     logs = workdir / "logs"
     logs.mkdir(exist_ok=True)
@@ -638,7 +754,7 @@ def run_all(methods: list[Method], base: Path, adapter: Path, workdir: Path, sha
         warm_cache(base)
         warm_cache(adapter)
     for rep in range(args.repeats):
-        order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+        order = methods[rep % len(methods) :] + methods[: rep % len(methods)]
         keep = {"loractl-cpu", "peft-cpu"} if do_check and rep == args.repeats - 1 else set()
         for m in order:
             out = workdir / f"out-{m.name}"
@@ -650,8 +766,10 @@ def run_all(methods: list[Method], base: Path, adapter: Path, workdir: Path, sha
             r = run_measured(m, out, rep, logs, args.timeout)
             results.append(r)
             status = "ok" if r.returncode == 0 else f"FAILED rc={r.returncode}"
-            log(f"repeat {rep + 1}/{args.repeats} {m.name}: {r.wall_s:.2f} s, anon {r.peaks.anon / MiB:.0f} MiB, "
-                f"file {r.peaks.file / MiB:.0f} MiB, out {r.out_bytes / 1e9:.2f} GB, {status}")
+            log(
+                f"repeat {rep + 1}/{args.repeats} {m.name}: {r.wall_s:.2f} s, anon {r.peaks.anon / MiB:.0f} MiB, "
+                f"file {r.peaks.file / MiB:.0f} MiB, out {r.out_bytes / 1e9:.2f} GB, {status}"
+            )
             if r.returncode != 0:
                 log(f"{m.name} stderr:\n{r.stderr_tail}")
             elif m.name.startswith("peft"):
@@ -659,7 +777,7 @@ def run_all(methods: list[Method], base: Path, adapter: Path, workdir: Path, sha
             if m.name not in keep:
                 remove_output(out)
         if keep:
-            if all(r.returncode == 0 for r in results[-len(methods):]):
+            if all(r.returncode == 0 for r in results[-len(methods) :]):
                 check = compare_outputs(base, workdir / "out-loractl-cpu", workdir / "out-peft-cpu", shape.layers)
             for name in keep:
                 remove_output(workdir / f"out-{name}")
@@ -702,15 +820,28 @@ def main(argv: list[str] | None = None) -> int:
         targets = evaluate_targets(summaries, args.size)
         info = {
             "machine": machine_info(),
-            "checkpoint": {"size": args.size, "layers_mult": args.layers_mult, "layers": shape.layers,
-                           "bytes": ckpt_bytes, "shards": len(list(base.glob("*.safetensors"))),
-                           "rank": args.rank, "adapter_bytes": synthetic.checkpoint_bytes(adapter)},
-            "repeats": args.repeats, "cache": "cold" if args.cold else "warm", "workdir_fs": fs_type(workdir),
+            "checkpoint": {
+                "size": args.size,
+                "layers_mult": args.layers_mult,
+                "layers": shape.layers,
+                "bytes": ckpt_bytes,
+                "shards": len(list(base.glob("*.safetensors"))),
+                "rank": args.rank,
+                "adapter_bytes": synthetic.checkpoint_bytes(adapter),
+            },
+            "repeats": args.repeats,
+            "cache": "cold" if args.cold else "warm",
+            "workdir_fs": fs_type(workdir),
         }
         print_report(info, summaries, targets, check, args.markdown)
         if args.json:
-            payload = {**info, "summary": [asdict(s) for s in summaries], "targets": targets, "check": check,
-                       "runs": [asdict(r) for r in results]}
+            payload = {
+                **info,
+                "summary": [asdict(s) for s in summaries],
+                "targets": targets,
+                "check": check,
+                "runs": [asdict(r) for r in results],
+            }
             args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
             log(f"wrote {args.json}")
     finally:

@@ -8,6 +8,7 @@ larger magnitude of the two values).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -18,13 +19,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic import SHAPES, write_llama_checkpoint, write_lora_adapter  # noqa: E402
+from synthetic import SHAPES, write_llama_checkpoint, write_lora_adapter
 
-from lora_cli.engine import WriteOptions  # noqa: E402
-from lora_cli.io.checkpoint import open_checkpoint  # noqa: E402
-from lora_cli.io.safetensors_file import read_tensor  # noqa: E402
-from lora_cli.merge import AdapterSpec, local_source, merge  # noqa: E402
-from lora_cli.numerics import max_ulps  # noqa: E402
+from lora_cli.engine import WriteOptions
+from lora_cli.io.checkpoint import open_checkpoint
+from lora_cli.io.safetensors_file import read_tensor
+from lora_cli.merge import AdapterSpec, local_source, merge
+from lora_cli.numerics import max_ulps
 
 
 def peft_merge(base: Path, adapter: Path, out: Path, device: str) -> None:
@@ -67,10 +68,8 @@ def main() -> None:
             WriteOptions(device=device),
         )
         outputs[f"loractl-{device}"] = summary
-        try:
+        with contextlib.suppress(ImportError):  # peft is optional: without it, loractl's outputs only
             peft_merge(base, adapter, work / f"peft-{device}", device)
-        except ImportError:
-            pass
     names = outputs["loractl-cpu"].provenance["tensors_edited"]
     report: dict[str, object] = {"size": args.size, "gpu": torch.cuda.get_device_name() if len(devices) > 1 else None}
     pairs = [

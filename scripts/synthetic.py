@@ -74,8 +74,9 @@ SHAPES: dict[str, LlamaShape] = {
     # TinyLlama-1.1B
     "1b": LlamaShape(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000),
     # Llama-2-7B
-    "7b": LlamaShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000,
-                     max_positions=4096),
+    "7b": LlamaShape(
+        hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000, max_positions=4096
+    ),
 }
 
 
@@ -104,6 +105,7 @@ class TensorSpec:
 # ----------------------------------------------------------------------------------------------------
 # Streaming safetensors writer
 # ----------------------------------------------------------------------------------------------------
+
 
 def _safetensors_header(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> bytes:
     """The 8-byte length prefix plus JSON header, padded with spaces to 8 bytes like safetensors does."""
@@ -134,8 +136,9 @@ def _chunks(spec: TensorSpec, gen: torch.Generator) -> Iterator[torch.Tensor]:
         remaining -= n
 
 
-def write_safetensors_streaming(path: Path, specs: Sequence[TensorSpec], seed: int,
-                                metadata: dict[str, str] | None = None) -> int:
+def write_safetensors_streaming(
+    path: Path, specs: Sequence[TensorSpec], seed: int, metadata: dict[str, str] | None = None
+) -> int:
     """Write ``specs`` to one safetensors file chunk by chunk; return the file size. fsyncs the file.
 
     Why: ``safetensors.torch.save_file`` needs every tensor in memory at once, which would make building
@@ -161,6 +164,7 @@ def write_safetensors_streaming(path: Path, specs: Sequence[TensorSpec], seed: i
 # ----------------------------------------------------------------------------------------------------
 # Base checkpoint
 # ----------------------------------------------------------------------------------------------------
+
 
 def llama_tensor_specs(shape: LlamaShape, dtype: torch.dtype = torch.bfloat16) -> list[TensorSpec]:
     """All tensors of an untied ``LlamaForCausalLM``, in the order transformers saves them."""
@@ -236,8 +240,10 @@ def _reuse(out_dir: Path, stamp: dict[str, object]) -> bool:
         return False
     if {k: v for k, v in old.items() if k != "files"} != stamp:
         return False
-    return all((out_dir / name).is_file() and (out_dir / name).stat().st_size == size
-               for name, size in old.get("files", {}).items())
+    return all(
+        (out_dir / name).is_file() and (out_dir / name).stat().st_size == size
+        for name, size in old.get("files", {}).items()
+    )
 
 
 def _prepare(out_dir: Path, stamp: dict[str, object]) -> bool:
@@ -256,9 +262,14 @@ def _write_stamp(out_dir: Path, stamp: dict[str, object]) -> None:
     _stamp_path(out_dir).write_text(json.dumps({**stamp, "files": files}, indent=1))
 
 
-def write_llama_checkpoint(out_dir: str | Path, shape: LlamaShape, dtype: torch.dtype = torch.bfloat16,
-                           shard_bytes: int = 1 << 30, seed: int = 0,
-                           progress: Callable[[str], None] | None = None) -> Path:
+def write_llama_checkpoint(
+    out_dir: str | Path,
+    shape: LlamaShape,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_bytes: int = 1 << 30,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
     """Write a sharded, untied Llama checkpoint (random N(0, 0.02) weights, unit norms) to ``out_dir``.
 
     Produces ``config.json``, ``model-0000K-of-0000N.safetensors`` shards and
@@ -266,8 +277,14 @@ def write_llama_checkpoint(out_dir: str | Path, shape: LlamaShape, dtype: torch.
     Reuses an identical earlier write. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
-    stamp = {"kind": "llama", "version": STAMP_VERSION, "shape": dataclasses.asdict(shape),
-             "dtype": str(dtype), "shard_bytes": shard_bytes, "seed": seed}
+    stamp = {
+        "kind": "llama",
+        "version": STAMP_VERSION,
+        "shape": dataclasses.asdict(shape),
+        "dtype": str(dtype),
+        "shard_bytes": shard_bytes,
+        "seed": seed,
+    }
     if _prepare(out_dir, stamp):
         return out_dir
     shards = plan_shards(llama_tensor_specs(shape, dtype), shard_bytes)
@@ -294,8 +311,10 @@ def write_llama_checkpoint(out_dir: str | Path, shape: LlamaShape, dtype: torch.
 # LoRA adapter
 # ----------------------------------------------------------------------------------------------------
 
-def lora_tensor_specs(shape: LlamaShape, rank: int, targets: Sequence[str],
-                      dtype: torch.dtype = torch.float32) -> list[TensorSpec]:
+
+def lora_tensor_specs(
+    shape: LlamaShape, rank: int, targets: Sequence[str], dtype: torch.dtype = torch.float32
+) -> list[TensorSpec]:
     """PEFT-named ``lora_A`` ([r, in]) and ``lora_B`` ([out, r]) tensors for every layer and target.
 
     B is random (not PEFT's zero init) so that merging really changes the weights: with std 0.02 for
@@ -355,9 +374,16 @@ def lora_config(rank: int, alpha: int, targets: Sequence[str], base_model: str |
     }
 
 
-def write_lora_adapter(out_dir: str | Path, shape: LlamaShape, rank: int = 64, alpha: int = 128,
-                       targets: Sequence[str] = ALL_LINEAR, seed: int = 1, base_model: str | None = None,
-                       dtype: torch.dtype = torch.float32) -> Path:
+def write_lora_adapter(
+    out_dir: str | Path,
+    shape: LlamaShape,
+    rank: int = 64,
+    alpha: int = 128,
+    targets: Sequence[str] = ALL_LINEAR,
+    seed: int = 1,
+    base_model: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) for ``shape``.
 
     All ``targets`` of every layer get random A and B (fp32 by default, as PEFT saves them).
@@ -365,13 +391,22 @@ def write_lora_adapter(out_dir: str | Path, shape: LlamaShape, rank: int = 64, a
     """
     out_dir = Path(out_dir)
     targets = tuple(targets)
-    stamp = {"kind": "lora", "version": STAMP_VERSION, "shape": dataclasses.asdict(shape), "rank": rank,
-             "alpha": alpha, "targets": sorted(targets), "seed": seed, "base_model": base_model,
-             "dtype": str(dtype)}
+    stamp = {
+        "kind": "lora",
+        "version": STAMP_VERSION,
+        "shape": dataclasses.asdict(shape),
+        "rank": rank,
+        "alpha": alpha,
+        "targets": sorted(targets),
+        "seed": seed,
+        "base_model": base_model,
+        "dtype": str(dtype),
+    }
     if _prepare(out_dir, stamp):
         return out_dir
-    write_safetensors_streaming(out_dir / "adapter_model.safetensors",
-                                lora_tensor_specs(shape, rank, targets, dtype), seed=seed)
+    write_safetensors_streaming(
+        out_dir / "adapter_model.safetensors", lora_tensor_specs(shape, rank, targets, dtype), seed=seed
+    )
     config = lora_config(rank, alpha, targets, base_model)
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     _write_stamp(out_dir, stamp)
