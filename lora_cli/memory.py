@@ -36,10 +36,10 @@ from lora_cli.plan import MergePlan, PlannedTensor, build_plan, working_dtype
 from lora_cli.resolve import ResolvedSource
 from lora_cli.stream import Pipeline
 
-# `Pipeline`'s queues hold `depth` items and the reader holds one more while it waits to enqueue: besides the
-# tensor being computed, up to depth + 1 raw inputs are read ahead.
+# `Pipeline` lets the reader load an item only when the queue has room for it: besides the tensor being
+# computed, up to `depth` raw inputs are read ahead.
 PIPELINE_DEPTH: int = pyinspect.signature(Pipeline.__init__).parameters["depth"].default
-IN_FLIGHT = PIPELINE_DEPTH + 1
+IN_FLIGHT = PIPELINE_DEPTH
 # The engine computes in reused buffers (`Workspace`) and writes into a ring of output buffers that the writer
 # drains (`engine._OutputRing`). On the CPU, a chain of additive edits (`additive_delta`) is fused: each edit's
 # delta is one working-size tensor and W + delta is formed chunk by chunk straight into the output buffer. Any
