@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, config_number, missing_params
+from lora_cli.adapters.additive import AdditiveEdit, config_number, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
 
 PARAMS = ("lora_A", "lora_B", "lora_E")
@@ -55,8 +55,7 @@ class Adalora(AdapterKind):
         init_r = config_number(adapter, "init_r", 12)
         alpha = config_number(adapter, "lora_alpha", 8)
         for module in adapter.modules.values():
-            if not all(module.has(name) for name in PARAMS):
-                raise missing_params(adapter, module.path, list(module.params), "lora_A, lora_B and lora_E")
+            require(adapter, module, *PARAMS)
             rank = adapter.weights.shape(module.params["lora_A"])[0]
             scaling = alpha if alpha > 0 else float(rank)
             edits.append(AdaloraEdit(adapter, f"{module.path}.weight", module.params, scaling, float(init_r)))

@@ -10,7 +10,7 @@ from abc import abstractmethod
 
 import torch
 
-from lora_cli.adapters.base import Adapter, EditContext, Shape, TensorEdit
+from lora_cli.adapters.base import Adapter, AdapterModule, EditContext, Shape, TensorEdit
 from lora_cli.errors import InputError
 
 
@@ -68,6 +68,13 @@ def config_number(
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
         raise InputError(f"{key} must be a number, got {value!r}", path=adapter.directory / "adapter_config.json")
     return value
+
+
+def require(adapter: Adapter, module: AdapterModule, *names: str) -> list[str]:
+    """The adapter keys of `names` in this module, in that order; one clear error when any is missing."""
+    if not all(module.has(name) for name in names):
+        raise missing_params(adapter, module.path, list(module.params), " and ".join(names))
+    return [module.params[name] for name in names]
 
 
 def missing_params(adapter: Adapter, module_path: str, have: list[str], need: str) -> InputError:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import missing_params
+from lora_cli.adapters.additive import require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
 from lora_cli.errors import NotRevertibleError, UnsupportedAdapterError
 
@@ -113,7 +113,6 @@ class Boft(AdapterKind):
             )
         edits: list[TensorEdit] = []
         for module in adapter.modules.values():
-            if not (module.has("boft_R") and module.has("boft_s")):
-                raise missing_params(adapter, module.path, list(module.params), "boft_R and boft_s")
-            edits.append(BoftEdit(adapter, f"{module.path}.weight", module.params["boft_R"], module.params["boft_s"]))
+            rotation, scale = require(adapter, module, "boft_R", "boft_s")
+            edits.append(BoftEdit(adapter, f"{module.path}.weight", rotation, scale))
         return edits

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch.fft import fft, ifft
 
-from lora_cli.adapters.additive import AdditiveEdit, missing_params
+from lora_cli.adapters.additive import AdditiveEdit, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
 
 
@@ -50,8 +50,6 @@ class C3a(AdapterKind):
     def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
         edits: list[TensorEdit] = []
         for module in adapter.modules.values():
-            key = module.params.get("c3a_kernel")
-            if key is None:
-                raise missing_params(adapter, module.path, list(module.params), "c3a_kernel")
+            (key,) = require(adapter, module, "c3a_kernel")
             edits.append(C3aEdit(adapter, f"{module.path}.weight", key))
         return edits

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, missing_params
+from lora_cli.adapters.additive import AdditiveEdit, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
 
 PARAMS = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
@@ -47,7 +47,6 @@ class Delora(AdapterKind):
     def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
         edits: list[TensorEdit] = []
         for module in adapter.modules.values():
-            if not all(module.has(name) for name in PARAMS):
-                raise missing_params(adapter, module.path, list(module.params), ", ".join(PARAMS))
+            require(adapter, module, *PARAMS)
             edits.append(DeloraEdit(adapter, f"{module.path}.weight", module.params))
         return edits

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, config_number, missing_params
+from lora_cli.adapters.additive import AdditiveEdit, config_number, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
 
 
@@ -56,8 +56,6 @@ class Fourierft(AdapterKind):
         seed = int(config_number(adapter, "random_loc_seed", 777))
         edits: list[TensorEdit] = []
         for module in adapter.modules.values():
-            key = module.params.get("fourierft_spectrum")
-            if key is None:
-                raise missing_params(adapter, module.path, list(module.params), "fourierft_spectrum")
+            (key,) = require(adapter, module, "fourierft_spectrum")
             edits.append(FourierftEdit(adapter, f"{module.path}.weight", key, scaling, seed))
         return edits

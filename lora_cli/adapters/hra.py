@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import missing_params
+from lora_cli.adapters.additive import require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
 from lora_cli.errors import UnsupportedAdapterError
 
@@ -82,8 +82,6 @@ class Hra(AdapterKind):
             )
         edits: list[TensorEdit] = []
         for module in adapter.modules.values():
-            key = module.params.get("hra_u")
-            if key is None:
-                raise missing_params(adapter, module.path, list(module.params), "hra_u")
+            (key,) = require(adapter, module, "hra_u")
             edits.append(HraEdit(adapter, f"{module.path}.weight", key))
         return edits

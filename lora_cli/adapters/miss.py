@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, missing_params
+from lora_cli.adapters.additive import AdditiveEdit, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
 from lora_cli.errors import UnsupportedAdapterError
 
@@ -93,9 +93,7 @@ class Miss(AdapterKind):
             )
         edits: list[TensorEdit] = []
         for module in adapter.modules.values():
-            key = module.params.get("miss_block")
-            if key is None:
-                raise missing_params(adapter, module.path, list(module.params), "miss_block")
+            (key,) = require(adapter, module, "miss_block")
             edit_type = MissBatEdit if bat else MissEdit
             edits.append(edit_type(adapter, f"{module.path}.weight", key))
         return edits

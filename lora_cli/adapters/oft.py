@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import config_number, missing_params
+from lora_cli.adapters.additive import config_number, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
 from lora_cli.errors import UnsupportedAdapterError
 
@@ -130,8 +130,6 @@ class Oft(AdapterKind):
                 raise UnsupportedAdapterError(
                     f"{module.path}: OFT on embeddings is not supported", path=adapter.weights.path
                 )
-            key = module.params.get("oft_R.weight")
-            if key is None:
-                raise missing_params(adapter, module.path, list(module.params), "oft_R.weight")
+            (key,) = require(adapter, module, "oft_R.weight")
             edits.append(OftEdit(adapter, f"{module.path}.weight", key))
         return edits

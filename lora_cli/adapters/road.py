@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import config_number, missing_params
+from lora_cli.adapters.additive import config_number, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
 from lora_cli.errors import InputError, UnsupportedAdapterError
 
@@ -95,9 +95,7 @@ class Road(AdapterKind):
         group = int(config_number(adapter, "group_size", 64))
         edits: list[TensorEdit] = []
         for module in adapter.modules.values():
-            if not (module.has("road_theta") and module.has("road_alpha")):
-                raise missing_params(adapter, module.path, list(module.params), "road_theta and road_alpha")
-            theta, alpha = module.params["road_theta"], module.params["road_alpha"]
+            theta, alpha = require(adapter, module, "road_theta", "road_alpha")
             for name in ("weight", "bias"):
                 if name == "weight" or base_shape(f"{module.path}.bias") is not None:
                     edits.append(RoadEdit(adapter, f"{module.path}.{name}", theta, alpha, variant, group))

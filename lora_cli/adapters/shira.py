@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, missing_params
+from lora_cli.adapters.additive import AdditiveEdit, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
 
 
@@ -44,8 +44,6 @@ class Shira(AdapterKind):
     def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
         edits: list[TensorEdit] = []
         for module in adapter.modules.values():
-            if not (module.has("shira_weight") and module.has("shira_indices")):
-                raise missing_params(adapter, module.path, list(module.params), "shira_weight and shira_indices")
-            params = module.params
-            edits.append(ShiraEdit(adapter, f"{module.path}.weight", params["shira_weight"], params["shira_indices"]))
+            values, indices = require(adapter, module, "shira_weight", "shira_indices")
+            edits.append(ShiraEdit(adapter, f"{module.path}.weight", values, indices))
         return edits
