@@ -48,7 +48,9 @@ def build_base(path: Path, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def build_adapter(model: torch.nn.Module, path: Path, seed: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def build_adapter(
+    model: torch.nn.Module, path: Path, base: Path, seed: int = 1
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A LoRA in PEFT's file format on every linear layer of every block; B is non-zero so the merge matters."""
     generator = torch.Generator().manual_seed(seed)
     factors, tensors = {}, {}
@@ -67,7 +69,7 @@ def build_adapter(model: torch.nn.Module, path: Path, seed: int = 1) -> dict[str
         "r": RANK,
         "lora_alpha": ALPHA,
         "target_modules": list(TARGETS),
-        "base_model_name_or_path": "loractl-demo-base",
+        "base_model_name_or_path": str(base),
         "fan_in_fan_out": False,
         "use_rslora": False,
         "use_dora": False,
@@ -102,7 +104,7 @@ def run_demo(workdir: Path, options: WriteOptions | None = None, progress: Progr
 
     base_dir, adapter_dir, merged_dir = workdir / "base", workdir / "adapter", workdir / "merged"
     model = build_base(base_dir)
-    factors = build_adapter(model, adapter_dir)
+    factors = build_adapter(model, adapter_dir, base_dir)
     summary = merge(local_source(base_dir), [AdapterSpec(local_source(adapter_dir))], merged_dir, options, progress)
     inputs = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
     expected = logits_with_runtime_lora(model, factors, inputs)
