@@ -25,12 +25,12 @@ app = typer.Typer(
 )
 
 app.command("merge", epilog=MERGE_EXAMPLES)(merge_command)
-app.command("demo")(demo_command)
 app.command("diff", epilog=DIFF_EXAMPLES)(diff_command)
 app.command("unmerge", epilog=UNMERGE_EXAMPLES)(unmerge_command)
 app.command("inspect", epilog=INSPECT_EXAMPLES)(inspect_command)
 app.command("memory", epilog=MEMORY_EXAMPLES)(memory_command)
 app.command("verify", epilog=VERIFY_EXAMPLES)(verify_command)
+app.command("demo")(demo_command)
 
 
 def _version(value: bool) -> None:
