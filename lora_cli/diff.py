@@ -23,7 +23,7 @@ from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
 from lora_cli.io.safetensors_file import TensorInfo, read_tensor
 from lora_cli.memstats import MemoryMonitor
 from lora_cli.merge import AdapterSpec, load_adapters
-from lora_cli.numerics import ulps
+from lora_cli.numerics import ulp_at, ulps
 from lora_cli.plan import PlannedTensor, build_plan
 from lora_cli.resolve import ResolvedSource
 from lora_cli.stream import Pipeline
@@ -163,14 +163,6 @@ def coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype | None:
     return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
 
 
-def ulp_of(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The spacing of `dtype` at each |x|, as `numerics.ulps` counts it (frexp: far cheaper than log2 and pow)."""
-    info = torch.finfo(dtype)
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    _, exponent = torch.frexp(x.to(work).abs().clamp_min(info.smallest_normal))
-    return torch.ldexp(torch.full_like(x, info.eps, dtype=work), exponent - 1)
-
-
 @dataclass
 class _Stats:
     max_abs: float = 0.0
@@ -232,7 +224,7 @@ def _chunked_stats(
             elif stats.close:
                 stats.close = bool(((d == 0) | (d.abs() <= tol[1] + tol[0] * cb.abs())).all())
         if noise_dtype is not None:
-            half_a, half_b = ulp_of(ca, noise_dtype) / 2, ulp_of(cb, noise_dtype) / 2
+            half_a, half_b = ulp_at(ca, noise_dtype) / 2, ulp_at(cb, noise_dtype) / 2
             stats.noise2 += float(torch.dot(half_a, half_a) + torch.dot(half_b, half_b))
     return stats
 
