@@ -34,6 +34,14 @@ def snapshot(*folders: Path) -> dict[str, str]:
     }
 
 
+def copy_folder(source: Path, target: Path) -> Path:
+    """A copy of an input to break, so the original stays intact for the other tests."""
+    target.mkdir()
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
 def invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args])
 
@@ -118,10 +126,7 @@ def test_adapter_for_another_base_names_the_tensors(pair, tmp_path):
 
 def test_truncated_shard(pair, tmp_path):
     base, lora = pair
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for path in base.iterdir():
-        (broken / path.name).write_bytes(path.read_bytes())
+    broken = copy_folder(base, tmp_path / "broken")
     shard = sorted(broken.glob("*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-100])
     out = tmp_path / "out"
@@ -130,10 +135,7 @@ def test_truncated_shard(pair, tmp_path):
 
 def test_index_naming_a_missing_shard(pair, tmp_path):
     base, lora = pair
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for path in base.iterdir():
-        (broken / path.name).write_bytes(path.read_bytes())
+    broken = copy_folder(base, tmp_path / "broken")
     missing = sorted(broken.glob("*.safetensors"))[0]
     missing.unlink()
     out = tmp_path / "out"
