@@ -168,9 +168,8 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor's bytes with a positioned read (no mmap, so no page-cache growth in our RSS)."""
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
-    # torch.empty, unlike bytearray, does not zero the memory the read overwrites anyway.
-    buffer = torch.empty(info.nbytes, dtype=torch.uint8)
-    view = memoryview(buffer.numpy())
+    buffer = bytearray(info.nbytes)
+    view = memoryview(buffer)
     try:
         with open(info.file, "rb", buffering=0) as handle:
             done = 0
@@ -181,4 +180,4 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
                 done += got
     except FileNotFoundError:
         raise InputError("file disappeared while reading", path=info.file) from None
-    return buffer.view(info.torch_dtype).reshape(info.shape)
+    return torch.frombuffer(buffer, dtype=info.torch_dtype).reshape(info.shape)
