@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,11 +269,14 @@ def write_plan(
     with MemoryMonitor(keep_timeline=False) as memory, atomic_directory(out, overwrite=options.overwrite) as tmp:
         memory.phase = "write"
         writers: list[ShardWriter] = []
+        # A finished shard is synced in the background: the pipeline goes on with the next one meanwhile.
+        flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loractl-fsync")
+        closing: list[Future[None]] = []
 
         def sink(job: _CopyJob | _ComputeJob, result: torch.Tensor | None) -> None:
             if len(writers) <= job.shard:
                 if writers:
-                    writers[-1].close()
+                    closing.append(flusher.submit(writers[-1].close))
                 shard = shards[job.shard]
                 writers.append(ShardWriter(tmp / shard.filename, shard, metadata, digests))
             writer = writers[-1]
@@ -287,11 +291,16 @@ def write_plan(
         try:
             pipeline.run(jobs)
             if writers:
-                writers[-1].close()
+                closing.append(flusher.submit(writers[-1].close))
+            for done in closing:
+                done.result()
         except BaseException:
+            wait(closing)  # a shard being synced is closed by its own task, never twice
             for writer in writers:
                 writer.abort()
             raise
+        finally:
+            flusher.shutdown(wait=True)
         if len(shards) > 1 or (base.directory / INDEX_FILE).exists():
             write_index(tmp, shards)
         copy_side_files(base.directory, tmp)

@@ -158,16 +158,20 @@ def _is_ours(fd: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("call", ["write", "copy_file_range"])
+@pytest.mark.parametrize("call", ["write", "copy_file_range", "fsync"])
 def test_full_disk_is_a_clear_error_and_cleans_up(call, big, tmp_path, monkeypatch) -> None:
-    """The Nth write into OUT fails with ENOSPC, as on a full disk: one line, exit 2, nothing left behind."""
+    """The Nth write into OUT fails with ENOSPC, as on a full disk: one line, exit 2, nothing left behind.
+
+    fsync too: a filesystem that delays allocation reports the full disk only when the data is flushed, which
+    happens in the background thread that syncs finished shards.
+    """
     base, lora, _ = big
     before = snapshot(base, lora)
     real = getattr(os, call)
     calls = {"n": 0}
 
     def full(*args, **kwargs):
-        target = args[0] if call == "write" else args[1]
+        target = args[1] if call == "copy_file_range" else args[0]
         if _is_ours(target):
             calls["n"] += 1
             if calls["n"] > 3:

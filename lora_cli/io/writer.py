@@ -106,8 +106,12 @@ class ShardWriter:
         self.plan = plan
         self.digests = digests  # `--verify`: checksums of what is written, checked after the write
         self._next = 0
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        _write_all(self._fd, header_bytes(plan.tensors, metadata), path)
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(self._fd, header_bytes(plan.tensors, metadata), path)
+        except BaseException:
+            self.abort()
+            raise
 
     def _expect(self, name: str) -> OutputTensor:
         if self._next >= len(self.plan.tensors) or self.plan.tensors[self._next].name != name:
@@ -139,19 +143,28 @@ class ShardWriter:
         return nbytes
 
     def close(self) -> None:
-        if self._next != len(self.plan.tensors):
-            os.close(self._fd)
-            raise RuntimeError(
-                f"{self.path.name}: {len(self.plan.tensors) - self._next} planned tensors were not written"
-            )
+        """Check that every planned tensor was written, then make the shard durable (fsync) and close it."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
         try:
-            os.fsync(self._fd)
+            if self._next != len(self.plan.tensors):
+                raise RuntimeError(
+                    f"{self.path.name}: {len(self.plan.tensors) - self._next} planned tensors were not written"
+                )
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                _raise_write_error(exc, self.path)
         finally:
-            os.close(self._fd)
+            os.close(fd)
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        """Close without syncing, once: a closed descriptor's number may already belong to another file."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _raise_write_error(exc: OSError, path: Path) -> None:
