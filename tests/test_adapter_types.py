@@ -300,3 +300,15 @@ def test_lora_on_a_grouped_conv_is_refused_as_peft_does(tmp_path):
     make_adapter(factory, LoraConfig(r=2, target_modules=["conv"], init_lora_weights=False), tmp_path / "adapter")
     with pytest.raises(AdapterMismatchError, match="grouped convolution"):
         merge(local_source(tmp_path / "base"), [AdapterSpec(local_source(tmp_path / "adapter"))], tmp_path / "out")
+
+
+@pytest.mark.parametrize("case", ["oft", "hra"])
+def test_weight_on_a_rotation_is_refused(tmp_path, case):
+    model, config = CASES[case]
+    factory = functools.partial(FACTORIES[model], torch.float32)
+    save_base(factory(), tmp_path / "base")
+    make_adapter(factory, config, tmp_path / "adapter", scale=0.1)
+    spec = AdapterSpec(local_source(tmp_path / "adapter"), weight=0.5)
+    with pytest.raises(UnsupportedAdapterError, match="no delta to scale, so ADAPTER@WEIGHT is not defined"):
+        merge(local_source(tmp_path / "base"), [spec], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

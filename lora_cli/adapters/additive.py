@@ -11,7 +11,7 @@ from abc import abstractmethod
 import torch
 
 from lora_cli.adapters.base import Adapter, AdapterModule, EditContext, Shape, TensorEdit
-from lora_cli.errors import InputError
+from lora_cli.errors import InputError, UnsupportedAdapterError
 
 
 class AdditiveEdit(TensorEdit):
@@ -68,6 +68,16 @@ def config_number(
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
         raise InputError(f"{key} must be a number, got {value!r}", path=adapter.directory / "adapter_config.json")
     return value
+
+
+def refuse_weight(adapter: Adapter, name: str, why: str) -> None:
+    """`ADAPTER@WEIGHT` scales a delta; types that rotate or multiply the base have none to scale."""
+    if adapter.weight != 1.0:
+        raise UnsupportedAdapterError(
+            f"{why}, so ADAPTER@WEIGHT is not defined for it",
+            path=adapter.ref,
+            fix=f"pass the {name} adapter without @WEIGHT",
+        )
 
 
 def require(adapter: Adapter, module: AdapterModule, *names: str) -> list[str]:

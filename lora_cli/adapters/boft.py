@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import require
+from lora_cli.adapters.additive import refuse_weight, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
-from lora_cli.errors import NotRevertibleError, UnsupportedAdapterError
+from lora_cli.errors import NotRevertibleError
 
 
 def butterfly_perm(n: int, b: int, r: int, n_butterfly_factor: int) -> torch.Tensor:
@@ -105,12 +105,7 @@ class Boft(AdapterKind):
     param_roots = frozenset({"boft_R", "boft_s"})
 
     def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        if adapter.weight != 1.0:
-            raise UnsupportedAdapterError(
-                "a BOFT rotation has no delta to scale, so ADAPTER@WEIGHT is not defined for it",
-                path=adapter.ref,
-                fix="pass the BOFT adapter without @WEIGHT",
-            )
+        refuse_weight(adapter, "BOFT", "a BOFT rotation has no delta to scale")
         edits: list[TensorEdit] = []
         for module in adapter.modules.values():
             rotation, scale = require(adapter, module, "boft_R", "boft_s")

@@ -12,9 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import require
+from lora_cli.adapters.additive import refuse_weight, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
-from lora_cli.errors import UnsupportedAdapterError
 
 
 def householder(u: torch.Tensor, gram_schmidt: bool) -> torch.Tensor:
@@ -74,12 +73,7 @@ class Hra(AdapterKind):
     param_roots = frozenset({"hra_u"})
 
     def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        if adapter.weight != 1.0:
-            raise UnsupportedAdapterError(
-                "an HRA reflection has no delta to scale, so ADAPTER@WEIGHT is not defined for it",
-                path=adapter.ref,
-                fix="pass the HRA adapter without @WEIGHT",
-            )
+        refuse_weight(adapter, "HRA", "an HRA reflection has no delta to scale")
         edits: list[TensorEdit] = []
         for module in adapter.modules.values():
             (key,) = require(adapter, module, "hra_u")

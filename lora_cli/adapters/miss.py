@@ -12,9 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, require
+from lora_cli.adapters.additive import AdditiveEdit, refuse_weight, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
-from lora_cli.errors import UnsupportedAdapterError
 
 
 class MissEdit(AdditiveEdit):
@@ -85,12 +84,8 @@ class Miss(AdapterKind):
 
     def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
         bat = adapter.config.get("init_weights") == "bat"
-        if bat and adapter.weight != 1.0:
-            raise UnsupportedAdapterError(
-                "MiSS bat multiplies the base blocks, so ADAPTER@WEIGHT is not defined for it",
-                path=adapter.ref,
-                fix="pass the MiSS adapter without @WEIGHT",
-            )
+        if bat:
+            refuse_weight(adapter, "MiSS", "MiSS bat multiplies the base blocks")
         edits: list[TensorEdit] = []
         for module in adapter.modules.values():
             (key,) = require(adapter, module, "miss_block")

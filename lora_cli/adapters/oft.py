@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import config_number, require
+from lora_cli.adapters.additive import config_number, refuse_weight, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
 from lora_cli.errors import UnsupportedAdapterError
 
@@ -118,12 +118,7 @@ class Oft(AdapterKind):
     param_roots = frozenset({"oft_R", "oft_embedding_R"})
 
     def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        if adapter.weight != 1.0:
-            raise UnsupportedAdapterError(
-                "an OFT rotation has no delta to scale, so ADAPTER@WEIGHT is not defined for it",
-                path=adapter.ref,
-                fix="pass the OFT adapter without @WEIGHT",
-            )
+        refuse_weight(adapter, "OFT", "an OFT rotation has no delta to scale")
         edits: list[TensorEdit] = []
         for module in adapter.modules.values():
             if module.has("oft_embedding_R.weight"):

@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import config_number, require
+from lora_cli.adapters.additive import config_number, refuse_weight, require
 from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
-from lora_cli.errors import InputError, UnsupportedAdapterError
+from lora_cli.errors import InputError
 
 PARAMS_PER_UNIT = {"road_1": 0.5, "road_2": 1, "road_4": 2}
 
@@ -83,12 +83,7 @@ class Road(AdapterKind):
     param_roots = frozenset({"road_theta", "road_alpha"})
 
     def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        if adapter.weight != 1.0:
-            raise UnsupportedAdapterError(
-                "a RoAd rotation has no delta to scale, so ADAPTER@WEIGHT is not defined for it",
-                path=adapter.ref,
-                fix="pass the RoAd adapter without @WEIGHT",
-            )
+        refuse_weight(adapter, "RoAd", "a RoAd rotation has no delta to scale")
         variant = str(adapter.config.get("variant", "road_1"))
         if variant not in PARAMS_PER_UNIT:
             raise InputError(f"unknown RoAd variant {variant!r}", path=adapter.directory / "adapter_config.json")
