@@ -1,35 +1,14 @@
 """Turn what the user typed (a local folder or a Hugging Face Hub repo id) into a local folder.
 
-Hub repos go through the real `huggingface_hub` client, so its cache, auth (HF_TOKEN, `hf auth login`),
-HF_HUB_OFFLINE and HF_ENDPOINT all behave as users expect; only the files a merge needs are fetched.
+Hub repo ids are fetched by `lora_cli.hub`, imported only then: a merge of local folders never loads
+`huggingface_hub`.
 """
 
 from __future__ import annotations
 
-import errno
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-
-try:  # huggingface_hub 2.x speaks through httpx2, 1.x through httpx
-    import httpx2 as httpx
-except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    import httpx  # type: ignore[no-redef]
-from huggingface_hub import constants, snapshot_download
-from huggingface_hub.errors import (
-    DisabledRepoError,
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    IncompleteSnapshotError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import validate_repo_id
 
 from lora_cli.errors import InputError
 
@@ -42,25 +21,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_PICKLE = "adapter_model.bin"
 
-# Configs and tokenizer files of a base; weights are chosen separately (see _fetch_model) so stray copies
-# such as Mistral's consolidated.safetensors are not downloaded. Pickles are never fetched for a base.
-MODEL_SIDE_PATTERNS = (
-    "*.json",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "*.tiktoken",
-    "vocab.txt",
-    "merges.txt",
-    "*.jinja",
-)
-# Subfolders hold other components (diffusers pipelines, original/ exports): loractl reads the repo root only.
-ROOT_ONLY = ["*/*"]
-
-_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
-_LOGIN_FIX = "log in with `hf auth login` or set HF_TOKEN, and accept the model's terms on its Hub page if it is gated"
-# EDQUOT is missing on some platforms.
-_CACHE_WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _ROLE_NAMES = {"base": "base model", "adapter": "adapter", "checkpoint": "checkpoint"}
 
 
@@ -92,185 +52,11 @@ def resolve(ref: str, *, role: Role, revision: str | None = None) -> ResolvedSou
             path=ref,
             fix="pass the folder holding the files, or a Hub repo id such as org/name",
         )
-    try:
-        validate_repo_id(ref)
-    except HFValidationError:
-        raise InputError(
-            "neither an existing folder nor a valid Hugging Face repo id",
-            path=ref,
-            fix="pass an existing folder, or a repo id of the form `name` or `org/name`",
-        ) from None
+    from lora_cli.hub import fetch  # huggingface_hub takes a quarter second to import: only for repo ids
 
-    try:
-        folder = _fetch_adapter(ref, revision) if role == "adapter" else _fetch_model(ref, revision)
-    except InputError:
-        raise
-    except Exception as exc:
-        mapped = _map_hub_error(exc, ref, revision)
-        if mapped is None:
-            raise
-        raise mapped from exc
-    commit = folder.name if _COMMIT_RE.fullmatch(folder.name) else None
-    return ResolvedSource(ref=ref, path=folder, revision=revision, commit=commit, is_local=False)
+    return fetch(ref, role, revision)
 
 
 def _looks_like_path(ref: str) -> bool:
     """True for references that can only mean a filesystem path, never a repo id."""
     return ref.startswith((".", "/", "~", "\\")) or ref.endswith(("/", "\\")) or "\\" in ref
-
-
-def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
-    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=ROOT_ONLY))
-
-
-def _fetch_model(repo_id: str, revision: str | None) -> Path:
-    """Fetch configs and tokenizer first, then only the safetensors shards the index names (or all, if no index)."""
-    folder = _snapshot(repo_id, revision, list(MODEL_SIDE_PATTERNS))
-    # Pin the second call to the commit the first one resolved, so a branch moving in between cannot mix revisions.
-    pinned = folder.name if _COMMIT_RE.fullmatch(folder.name) else revision
-    index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weights = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise InputError(
-                f"{INDEX_FILE} is not a valid safetensors index",
-                path=f"{repo_id}/{INDEX_FILE}",
-                fix="fix or re-upload the index in the repo, or pass a local folder",
-            ) from None
-    else:
-        weights = ["*.safetensors"]
-    folder = _snapshot(repo_id, pinned, weights)
-    if not any(folder.glob("*.safetensors")):
-        raise InputError(
-            f"Hub repo has no .safetensors weights at {_rev(revision)}; loractl never loads pickled (.bin) weights",
-            path=repo_id,
-            fix="use a repo or --revision that has safetensors weights, or convert it to safetensors locally",
-        )
-    if index.is_file():
-        missing = [name for name in weights if not (folder / name).is_file()]
-        if missing:
-            raise InputError(
-                f"{INDEX_FILE} names shards the repo does not have: {', '.join(missing[:3])}",
-                path=f"{repo_id}/{INDEX_FILE}",
-                fix="report it to the repo owner, or pass a local folder with all shards",
-            )
-    return folder
-
-
-def _fetch_adapter(repo_id: str, revision: str | None) -> Path:
-    """Fetch the adapter config and safetensors weights; fall back to adapter_model.bin only when there are none."""
-    folder = _snapshot(repo_id, revision, [ADAPTER_CONFIG, ADAPTER_SAFETENSORS])
-    if not (folder / ADAPTER_SAFETENSORS).is_file():
-        # The first call cached the repo's file list, so this pinned second call lists nothing over the network.
-        pinned = folder.name if _COMMIT_RE.fullmatch(folder.name) else revision
-        folder = _snapshot(repo_id, pinned, [ADAPTER_PICKLE])
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise InputError(
-            f"Hub repo has no {ADAPTER_CONFIG} at {_rev(revision)}, so it is not a PEFT adapter",
-            path=repo_id,
-            fix="pass the adapter's repo id, not the base model's, or a local adapter folder",
-        )
-    if not (folder / ADAPTER_SAFETENSORS).is_file() and not (folder / ADAPTER_PICKLE).is_file():
-        raise InputError(
-            f"Hub repo has {ADAPTER_CONFIG} but no {ADAPTER_SAFETENSORS} or {ADAPTER_PICKLE} at {_rev(revision)}",
-            path=repo_id,
-            fix="check the repo id and --revision; the adapter weights must sit at the repo root",
-        )
-    return folder
-
-
-def _rev(revision: str | None) -> str:
-    return "the default branch" if revision is None else f"revision '{revision}'"
-
-
-def _map_hub_error(exc: Exception, repo_id: str, revision: str | None) -> InputError | None:
-    """Translate a `huggingface_hub`/httpx failure into one actionable line; None for errors we do not know."""
-    where = repo_id if revision is None else f"{repo_id}@{revision}"
-    offline_fix = "run once online to download it, or pass a local folder"
-    interrupted_fix = "re-run the command to resume: files already downloaded are kept in the Hugging Face cache"
-    # Order matters: the Hub's HTTP errors are also OSErrors, and GatedRepoError is a RepositoryNotFoundError.
-    if isinstance(exc, RevisionNotFoundError):
-        return InputError(
-            f"revision '{revision}' not found in this Hub repo",
-            path=repo_id,
-            fix="check the branch, tag or commit sha given to --revision",
-        )
-    if isinstance(exc, GatedRepoError):
-        return InputError("gated Hub repo: this account has not been granted access", path=where, fix=_LOGIN_FIX)
-    if isinstance(exc, DisabledRepoError):
-        return InputError("this Hub repo has been disabled", path=where, fix="use another repo or a local folder")
-    if isinstance(exc, RepositoryNotFoundError):
-        if _status(exc) == 401:
-            return InputError(
-                "Hub repo not found, or it is private and you are not logged in",
-                path=where,
-                fix=f"check the repo id; if it is private or gated, {_LOGIN_FIX}",
-            )
-        # A bare name may be a mistyped local folder as much as a repo id.
-        also = "" if "/" in repo_id else ", and there is no local folder of that name"
-        return InputError(
-            f"Hub repo not found{also}",
-            path=where,
-            fix="check the repo id, or log in if it is private: `hf auth login` or HF_TOKEN",
-        )
-    if isinstance(exc, HfHubHTTPError):
-        status = _status(exc)
-        if status in (401, 403):
-            return InputError(
-                f"the Hub refused access with HTTP {status}: the token is missing, invalid or lacks permission",
-                path=where,
-                fix=_LOGIN_FIX,
-            )
-        return InputError(
-            f"the Hub answered HTTP {status}",
-            path=where,
-            fix="try again later, check HF_ENDPOINT, or pass a local folder",
-        )
-    if isinstance(exc, IncompleteSnapshotError):
-        why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "the Hub cannot be reached"
-        return InputError(
-            f"the cached copy is incomplete, likely from an interrupted download, and {why}",
-            path=where,
-            fix="run once online to complete it, or pass a local folder",
-        )
-    if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-        if constants.is_offline_mode():
-            return InputError(
-                "not in the local Hugging Face cache, or only partly, and HF_HUB_OFFLINE is set",
-                path=where,
-                fix=f"unset HF_HUB_OFFLINE and {offline_fix}",
-            )
-        return InputError(
-            f"not in the local Hugging Face cache, or only partly, and the Hub at {constants.ENDPOINT} "
-            "cannot be reached",
-            path=where,
-            fix=f"check your network and HF_ENDPOINT, {offline_fix}",
-        )
-    if isinstance(exc, (httpx.ConnectError, httpx.TimeoutException)):
-        return InputError(
-            f"lost the connection to the Hub at {constants.ENDPOINT} while downloading",
-            path=where,
-            fix=f"check your network, then {interrupted_fix}",
-        )
-    if isinstance(exc, httpx.TransportError):
-        return InputError(
-            "the download was interrupted: the connection dropped mid-file", path=where, fix=interrupted_fix
-        )
-    if isinstance(exc, OSError):
-        if "Consistency check failed" in str(exc):
-            return InputError(
-                "the download was interrupted: a file came out truncated", path=where, fix=interrupted_fix
-            )
-        if exc.errno in _CACHE_WRITE_ERRNOS:
-            return InputError(
-                f"cannot write to the Hugging Face cache at {constants.HF_HUB_CACHE}: {exc.strerror}",
-                path=where,
-                fix="free some space, or set HF_HUB_CACHE / HF_HOME to a writable folder",
-            )
-    return None
-
-
-def _status(exc: HfHubHTTPError) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
