@@ -11,7 +11,6 @@ read-ahead and write-behind. Both models are checked in docs/inspect_memory.md a
 from __future__ import annotations
 
 import importlib.util
-import inspect as pyinspect
 import json
 import math
 import subprocess
@@ -26,7 +25,7 @@ import psutil
 import torch
 
 from lora_cli.adapters.base import Adapter, EditContext, Shape, TensorEdit
-from lora_cli.engine import WriteOptions, _OutputRing
+from lora_cli.engine import INPUT_BUFFERS, OUTPUT_BUFFERS, WriteOptions
 from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, is_float
 from lora_cli.memstats import MemoryMonitor, MemorySample, read_rss
@@ -34,17 +33,12 @@ from lora_cli.merge import AdapterSpec, load_adapters, merge
 from lora_cli.peft_reference import PHASE_PREFIX, RESULT_PREFIX
 from lora_cli.plan import MergePlan, PlannedTensor, build_plan, working_dtype
 from lora_cli.resolve import ResolvedSource
-from lora_cli.stream import Pipeline
 
-# `Pipeline` lets the reader load an item only when the queue has room for it: besides the tensor being
-# computed, up to `depth` raw inputs are read ahead.
-PIPELINE_DEPTH: int = pyinspect.signature(Pipeline.__init__).parameters["depth"].default
-IN_FLIGHT = PIPELINE_DEPTH
-# The engine computes in reused buffers (`Workspace`) and writes into a ring of output buffers that the writer
-# drains (`engine._OutputRing`). On the CPU, a chain of additive edits (`additive_delta`) is fused: each edit's
-# delta is one working-size tensor and W + delta is formed chunk by chunk straight into the output buffer. Any
-# other chain runs on a working copy of W, plus the edit's delta and one temporary.
-OUTPUT_BUFFERS: int = _OutputRing.SIZE
+# The engine reads into a ring of INPUT_BUFFERS host buffers, computes in reused buffers (`Workspace`) and writes
+# from a ring of OUTPUT_BUFFERS host buffers that the writer drains; each ring's buffers are the size of the
+# largest edited tensor (`engine.write_plan`). On the CPU, a chain of additive edits (`additive_delta`) is fused:
+# each edit's delta is one working-size tensor and W + delta is formed chunk by chunk straight into the output
+# buffer. Any other chain runs on a working copy of W, plus the edit's delta and one temporary.
 UNFUSED_WORK_COPIES = 3
 # A fresh python process with torch, transformers and peft imported, anonymous and file-backed (shared libraries)
 # together: measured 389 MiB with torch 2.13, transformers 5.23 and peft 0.21 (the reference runs in its own process,
@@ -172,39 +166,26 @@ def _work_copies(planned: PlannedTensor, fused_device: bool, seen: dict[type, bo
 def streaming_working_set(plan: MergePlan, device: str = "cpu") -> tuple[dict[str, int], str | None]:
     """Bytes above the baseline while `write_plan` streams `plan`, by term, and the tensor that sizes them.
 
-    The engine's buffers grow to the largest edited tensor and stay: the fp32 deltas (and working copy) and the ring of
-    output buffers. On top, the tensor being computed and up to IN_FLIGHT later ones are held as raw input
-    (untouched tensors are byte-range copies and hold nothing), and one module's factors are loaded.
+    The engine's buffers grow to the largest edited tensor and stay: the fp32 deltas (and working copy), and the
+    rings of raw inputs and of outputs. Untouched tensors are byte-range copies and hold nothing; one module's
+    factors are loaded at a time. On a GPU, the working copies and one output buffer live on the device.
     """
-    jobs: list[PlannedTensor | None] = []  # one entry per engine job; None for a run of byte-range copies
-    for planned in plan.tensors:
-        if planned.is_copy:
-            if not jobs or jobs[-1] is not None:
-                jobs.append(None)
-            continue
-        jobs.append(planned)
-    work = factors = raw = 0
+    edited = [planned for planned in plan.tensors if not planned.is_copy]
+    work = factors = 0
     seen: dict[type, bool] = {}
-    ring = [0] * OUTPUT_BUFFERS  # each ring buffer grows to the largest output that lands in it, in turn
     largest = None
-    edited = 0
-    for i, planned in enumerate(jobs):
-        if planned is None:
-            continue
-        edited += 1
+    for planned in edited:
         copies = _work_copies(planned, not device.startswith("cuda"), seen)
         size = math.prod(planned.output.shape) * working_dtype(planned.source).itemsize * copies
         if size > work:
             work, largest = size, planned.name
-        turn = edited % OUTPUT_BUFFERS
-        ring[turn] = max(ring[turn], planned.output.nbytes)
         factors = max(factors, _edit_factor_bytes(planned))
-        raw = max(raw, sum(j.source.nbytes for j in jobs[i : i + 1 + IN_FLIGHT] if j is not None))
-    outputs = sum(ring)
+    # A ring allocates its buffers as it first goes round: fewer than its size when few tensors are edited.
+    outputs, inputs = min(OUTPUT_BUFFERS, len(edited)), min(INPUT_BUFFERS, len(edited))
     terms = {
         "fp32 deltas / working copies": work,
-        f"{OUTPUT_BUFFERS} output buffers": outputs,
-        f"raw inputs (1 + {IN_FLIGHT} read ahead)": raw,
+        f"{outputs} output buffers": outputs * max((p.output.nbytes for p in edited), default=0),
+        f"{inputs} raw input buffers": inputs * max((p.source.nbytes for p in edited), default=0),
         "one module's factors": factors,
     }
     return terms, largest
@@ -243,10 +224,12 @@ def predict(
     stream_terms = {"python + torch (measured)": baseline, **working}
     streaming_gpu = None
     if cuda:
-        # On the GPU: the working copies, the output ring and one module's factors; the raw inputs stay on the host.
-        streaming_gpu = sum(v for k, v in working.items() if not k.startswith("raw"))
-        # The host keeps the raw inputs and receives each output (`.cpu()` copies), but no fp32 working copies.
-        stream_terms = {k: v for k, v in stream_terms.items() if not k.startswith(("fp32", "one module"))}
+        # On the GPU: the working copies, one output buffer and one module's factors. The host keeps its two rings
+        # (page-locked, for fast copies) but no fp32 working copies.
+        on_device = ("fp32", "one module")
+        device_output = max((p.output.nbytes for p in plan.edited), default=0)
+        streaming_gpu = sum(v for k, v in working.items() if k.startswith(on_device)) + device_output
+        stream_terms = {k: v for k, v in stream_terms.items() if not k.startswith(on_device)}
         stream_terms["CUDA runtime (not measured until used)"] = 0
     stream_peak = sum(stream_terms.values())
     own = in_memory(own_itemsize, f"transformers + PEFT ({_torch_name(_dtype_of(base))})")

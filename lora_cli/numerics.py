@@ -1,4 +1,4 @@
-"""Error in units in the last place, counted the honest way for merges.
+"""Error in units in the last place, counted the honest way for merges; and a cheap check for NaN and Inf.
 
 A merged value W + delta is rounded at its own magnitude, so an error is only meaningful in ulps of the larger
 of the two values compared: counted at a value near zero, one rounding step of a large neighbour looks like
@@ -41,3 +41,11 @@ def max_ulps(
     a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None, at: torch.Tensor | None = None
 ) -> float:
     return float(ulps(a, b, dtype, at).max()) if a.numel() else 0.0
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """NaN and Inf show up in the min or the max (both propagate NaN); one pass, much cheaper than isfinite()."""
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))

@@ -345,6 +345,13 @@ def build_methods(base: Path, adapter: Path, devices: Sequence[str], args: argpa
     return methods
 
 
+def _flatten_stages(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """loractl's busy seconds per pipeline stage become `stage_read_s` etc., so the summary keeps them."""
+    if report and isinstance(report.get("stage_seconds"), dict):
+        report = {**report, **{f"stage_{k}_s": v for k, v in report["stage_seconds"].items()}}
+    return report
+
+
 def parse_json_report(text: str) -> dict[str, Any] | None:
     """The JSON object a method printed: the whole stdout, else the last line or block starting with "{"."""
     try:
@@ -392,7 +399,7 @@ def run_measured(method: Method, out: Path, repeat: int, logs: Path, timeout: fl
         peaks=peaks,
         kernel_maxrss_bytes=rusage.ru_maxrss * 1024,
         out_bytes=synthetic.checkpoint_bytes(out),
-        report=parse_json_report(stdout) if method.parse_json else None,
+        report=_flatten_stages(parse_json_report(stdout)) if method.parse_json else None,
         stderr_tail="\n".join(stderr.strip().splitlines()[-15:]),
     )
 
@@ -617,6 +624,9 @@ def print_report(
                 "merge_s",
                 "save_s",
                 "sync_s",
+                "stage_read_s",
+                "stage_compute_s",
+                "stage_write_s",
                 "cuda_max_allocated_bytes",
             )
             shown = ", ".join(_fmt_self(k, s.self_report[k]) for k in keys if k in s.self_report)

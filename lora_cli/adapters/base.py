@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from lora_cli.errors import NonFiniteError, NotRevertibleError, UnsupportedAdapterError
+from lora_cli.numerics import all_finite
 
 Shape = tuple[int, ...]
 
@@ -133,16 +134,15 @@ class EditContext:
     def load(self, key: str) -> torch.Tensor:
         """An adapter tensor on the working device; floating tensors in working precision (at least fp32)."""
         tensor = self.adapter.weights.load(key)
-        if tensor.is_floating_point():
-            # Every command that reads adapter values comes through here, so a broken adapter is named at once.
-            if not bool(torch.isfinite(tensor).all()):
-                raise NonFiniteError(
-                    f"adapter tensor {key} holds NaN or Inf",
-                    path=self.adapter.weights.path,
-                    fix="the adapter is broken (training diverged?); use an earlier checkpoint or retrain it",
-                )
-            tensor = tensor.to(device=self.device, dtype=self.work_dtype)
-        return tensor.to(self.device)
+        # Every command that reads adapter values comes through here, so a broken adapter is named at once.
+        if not all_finite(tensor):
+            raise NonFiniteError(
+                f"adapter tensor {key} holds NaN or Inf",
+                path=self.adapter.weights.path,
+                fix="the adapter is broken (training diverged?); use an earlier checkpoint or retrain it",
+            )
+        # Uploaded as stored, then converted on the device: a converting upload goes through a pageable temporary.
+        return tensor.to(self.device).to(self.work_dtype) if tensor.is_floating_point() else tensor.to(self.device)
 
 
 class TensorEdit(ABC):

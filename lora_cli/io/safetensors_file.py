@@ -7,6 +7,7 @@ copied without being decoded. Every check here turns a corrupt file into an `Inp
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -164,12 +165,21 @@ def read_header(path: Path) -> SafetensorsFile:
     return SafetensorsFile(path=path, tensors=tensors, metadata=dict(metadata), data_start=data_start, size=size)
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor's bytes with a positioned read (no mmap, so no page-cache growth in our RSS)."""
+def read_tensor(info: TensorInfo, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes with a positioned read (no mmap, so no page-cache growth in our RSS).
+
+    `into`, a uint8 CPU tensor of at least `info.nbytes` bytes, receives the bytes instead of a new buffer; the
+    tensor returned is then a view of it.
+    """
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
-    buffer = bytearray(info.nbytes)
-    view = memoryview(buffer)
+    if into is None:
+        buffer: bytearray | ctypes.Array[ctypes.c_char] = bytearray(info.nbytes)
+    else:
+        if into.dtype != torch.uint8 or into.device.type != "cpu" or into.numel() < info.nbytes:
+            raise ValueError(f"read buffer of {into.numel()} {into.dtype} on {into.device} for {info.nbytes} bytes")
+        buffer = (ctypes.c_char * info.nbytes).from_address(into.data_ptr())
+    view = memoryview(buffer).cast("B")
     try:
         with open(info.file, "rb", buffering=0) as handle:
             done = 0
@@ -180,4 +190,6 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
                 done += got
     except FileNotFoundError:
         raise InputError("file disappeared while reading", path=info.file) from None
-    return torch.frombuffer(buffer, dtype=info.torch_dtype).reshape(info.shape)
+    if into is None:
+        return torch.frombuffer(buffer, dtype=info.torch_dtype).reshape(info.shape)
+    return into[: info.nbytes].view(info.torch_dtype).view(info.shape)
