@@ -87,13 +87,15 @@ class _ComputeJob:
 
 def pick_device(requested: str) -> torch.device:
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for but no CUDA device is available", fix="use --device cpu")
     try:
-        return torch.device(requested)
+        device = torch.device(requested)
     except RuntimeError:
         raise InputError(f"unknown device {requested!r}", fix="use auto, cpu or cuda") from None
+    # With its index, so that it compares equal to the device of the tensors made on it ("cuda" != "cuda:0").
+    return torch.device("cuda", torch.cuda.current_device()) if device == torch.device("cuda") else device
 
 
 def working_copy(

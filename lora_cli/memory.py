@@ -3,9 +3,9 @@
 The in-memory path (transformers loads the whole base, PEFT adds the adapter, `merge_and_unload`,
 `save_pretrained`) costs the whole model in its load dtype and the adapter in fp32; when loading converts the
 dtype, the mapped shards stay resident beside the converted copy until loading ends. loractl's streaming merge
-costs this process's baseline plus a few tensors: the largest edited tensor's working set and the pipeline's
-read-ahead and write-behind. Both models are checked in docs/inspect_memory.md against measurements on the
-1.1B synthetic checkpoint.
+costs this process's baseline plus a few tensors: the largest edited tensor's working set and the engine's rings
+of input and output buffers. Both models are checked against measurements on the 1.1B synthetic checkpoint in
+README.md ("What a merge will cost") and by tests/test_memory.py.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from lora_cli.resolve import ResolvedSource
 # from a ring of OUTPUT_BUFFERS host buffers that the writer drains; each ring's buffers are the size of the
 # largest edited tensor (`engine.write_plan`). On the CPU, a chain of additive edits (`additive_delta`) is fused:
 # each edit's delta is one working-size tensor and W + delta is formed chunk by chunk straight into the output
-# buffer. Any other chain runs on a working copy of W, plus the edit's delta and one temporary.
+# buffer. Elsewhere (on a GPU, or when the output's shape differs) additive edits are added in place to a working
+# copy of W; any other chain runs on a working copy of W, plus the edit's delta and one temporary.
+ADDITIVE_WORK_COPIES = 2
 UNFUSED_WORK_COPIES = 3
 # A fresh python process with torch, transformers and peft imported, anonymous and file-backed (shared libraries)
 # together: measured 389 MiB with torch 2.13, transformers 5.23 and peft 0.21 (the reference runs in its own process,
@@ -157,10 +159,11 @@ def _is_additive(edit: TensorEdit, shape: Shape, seen: dict[type, bool]) -> bool
 def _work_copies(planned: PlannedTensor, fused_device: bool, seen: dict[type, bool]) -> int:
     """Working-precision tensors of the output's size alive while `planned` is computed."""
     shape = tuple(planned.source.shape)
-    fused = fused_device and shape == tuple(planned.output.shape)
-    if fused and all(_is_additive(edit, shape, seen) for edit in planned.edits):
+    if not all(_is_additive(edit, shape, seen) for edit in planned.edits):
+        return UNFUSED_WORK_COPIES
+    if fused_device and shape == tuple(planned.output.shape):
         return len(planned.edits)
-    return UNFUSED_WORK_COPIES
+    return ADDITIVE_WORK_COPIES
 
 
 def streaming_working_set(plan: MergePlan, device: str = "cpu") -> tuple[dict[str, int], str | None]:
@@ -228,9 +231,16 @@ def predict(
         # (page-locked, for fast copies) but no fp32 working copies.
         on_device = ("fp32", "one module")
         device_output = max((p.output.nbytes for p in plan.edited), default=0)
-        streaming_gpu = sum(v for k, v in working.items() if k.startswith(on_device)) + device_output
+        # Inputs stored in another dtype than the working one are uploaded as stored, then converted there.
+        upload = max((p.source.nbytes for p in plan.edited if _converts(p)), default=0)
+        streaming_gpu = sum(v for k, v in working.items() if k.startswith(on_device)) + device_output + upload
         stream_terms = {k: v for k, v in stream_terms.items() if not k.startswith(on_device)}
-        stream_terms["CUDA runtime (not measured until used)"] = 0
+        runtime = cuda_runtime_cost(device)
+        if runtime is None:
+            stream_terms["CUDA runtime (not measured: no GPU here)"] = 0
+        else:
+            stream_terms["CUDA runtime (measured)"] = runtime[0]
+            streaming_gpu += runtime[1]
     stream_peak = sum(stream_terms.values())
     own = in_memory(own_itemsize, f"transformers + PEFT ({_torch_name(_dtype_of(base))})")
     fp32 = in_memory(4, "transformers + PEFT (float32)")
@@ -252,6 +262,24 @@ def predict(
         available_ram_bytes=memory.available,
         paths=[own, streaming] if own_itemsize == 4 else [own, fp32, streaming],
     )
+
+
+def _converts(planned: PlannedTensor) -> bool:
+    return SAFETENSORS_TO_TORCH[planned.source.dtype] != working_dtype(planned.source)
+
+
+def cuda_runtime_cost(device: str) -> tuple[int, int] | None:
+    """Host and GPU bytes that starting CUDA and cuBLAS costs this process: measured (by starting them), as they
+    depend on the driver, the GPU and the libraries (on an H100: about 210 MiB of host memory and cuBLAS's 32 MiB
+    workspace). None where no GPU is present to measure."""
+    if not torch.cuda.is_available():
+        return None
+    before = read_rss()[0]
+    probe = torch.ones(8, 8, device=device)
+    (probe @ probe).sum().item()  # a matmul starts cuBLAS, which allocates its workspace on first use
+    del probe
+    torch.cuda.synchronize(device)
+    return max(read_rss()[0] - before, 0), torch.cuda.memory_allocated(device)
 
 
 def _torch_name(dtype: str) -> str:

@@ -16,8 +16,6 @@ from lora_cli.io.safetensors_file import read_header, read_tensor
 from lora_cli.merge import AdapterSpec, local_source, merge
 from tests.builders import load_merged, make_adapter, save_base, tiny_llama
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
 
 def test_reads_into_a_ring_buffer_match_safetensors(tmp_path):
     tensors = {
@@ -54,16 +52,18 @@ def test_a_read_buffer_that_is_too_small_is_refused(tmp_path):
         read_tensor(read_header(path).tensors["w"], into=torch.empty(8, dtype=torch.uint8))
 
 
-@cuda
+@pytest.mark.cuda
 def test_ring_buffers_are_page_locked_on_a_gpu():
     with BufferRing(2, 1 << 20, pinned=True) as ring:
         assert ring.next(1 << 20).is_pinned()
     assert not BufferRing(1, 1 << 20).next(16).is_pinned()
 
 
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 def test_cuda_merge_gives_the_cpu_merge_bytes(tmp_path, use_dora):
+    # Shapes on which an H100 gave the CPU's bytes (passed there). Not every shape does: cuBLAS picks its kernel
+    # by shape, and this Llama's 16 x 32 k_proj came out a few ulps off in fp32 (README, CPU vs CUDA).
     factory = functools.partial(tiny_llama, torch.bfloat16)
     save_base(factory(), tmp_path / "base", max_shard_size="200KB")
     config = LoraConfig(

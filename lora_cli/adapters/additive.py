@@ -47,7 +47,7 @@ class AdditiveEdit(TensorEdit):
         return self.scaled_delta(shape, ctx)
 
     def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        return weight + self.scaled_delta(tuple(weight.shape), ctx)
+        return weight.add_(self.scaled_delta(tuple(weight.shape), ctx))
 
     def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
         return merged - self.scaled_delta(tuple(merged.shape), ctx)

@@ -110,9 +110,10 @@ class Workspace:
             numel *= dim
         flat = self._buffers.get(name)
         if flat is None or flat.numel() < numel or flat.dtype != dtype or flat.device != device:
+            # Drop the old buffer before allocating its successor, or both are alive at once.
+            del flat
             self._buffers.pop(name, None)
-            flat = torch.empty(numel, dtype=dtype, device=device)
-            self._buffers[name] = flat
+            flat = self._buffers[name] = torch.empty(numel, dtype=dtype, device=device)
         return flat[:numel].view(shape)
 
 

@@ -67,4 +67,5 @@ class PickleWeights(AdapterWeights):
         return self._state[key].dtype
 
     def load(self, key: str) -> torch.Tensor:
-        return self._state[key]
+        # A copy: the edits may work in place on what they load, and the mapped original must stay as it is.
+        return self._state[key].clone()
