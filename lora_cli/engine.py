@@ -155,15 +155,15 @@ def apply_edits(
 def _additive_deltas(
     planned: PlannedTensor, shape: tuple[int, ...], device: torch.device, work: torch.dtype, workspace: Workspace
 ) -> list[torch.Tensor] | None:
+    """Each edit's delta, when every edit of the chain is additive; else None."""
+    if not all(edit.form.is_additive for edit in planned.edits):
+        return None
     deltas: list[torch.Tensor] = []
     for edit in planned.edits:
         # Each edit may reuse the same scratch buffer: copy the previous delta before the next one overwrites it.
         if deltas:
             deltas[-1] = deltas[-1].clone()
-        delta = edit.additive_delta(shape, EditContext(edit.adapter, device, work, workspace))
-        if delta is None:
-            return None
-        deltas.append(delta)
+        deltas.append(edit.delta(shape, EditContext(edit.adapter, device, work, workspace)))
     return deltas
 
 

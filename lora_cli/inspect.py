@@ -1,8 +1,9 @@
 """`loractl inspect`: what an adapter (or a checkpoint) holds, how large its deltas are, and whether it fits a base.
 
-Deltas are described one module at a time. A plain additive low-rank edit (W + s * L @ R) gets its spectrum from
-QR factors and an r x r SVD, never the full matrix; any other edit is run once on a zero (or, with `--base`, the
-real) weight so that only that module's delta is ever in memory.
+Deltas are described one module at a time, by what each edit says of its form (`TensorEdit.form`). A low-rank
+update (s * L @ R) gets its spectrum from QR factors and an r x r SVD, never the full matrix; any other additive
+edit gives its dense delta; edits that depend on the weight are measured against the real base with `--base`.
+Only one module's delta is ever in memory.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from lora_cli.adapters.base import Adapter, EditContext, Shape, TensorEdit, kind_for
-from lora_cli.adapters.common import FullTensorEdit, TokenRowsEdit, shared_edits
+from lora_cli.adapters.base import Adapter, EditContext, EditForm, Shape, TensorEdit
+from lora_cli.adapters.common import shared_edits
 from lora_cli.adapters.loading import CONFIG_FILE, load_adapter
-from lora_cli.adapters.lora import LoraEdit, LoraFactors
+from lora_cli.adapters.registry import kind_for
 from lora_cli.checkpoint_files import read_provenance
 from lora_cli.components import COMPONENTS, classify
 from lora_cli.errors import InputError
@@ -292,21 +293,12 @@ class Spectrum:
 
 
 def low_rank_factors(edit: TensorEdit) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """(L, R, s) with the edit's low-rank update = s * L @ R, when it carries LoRA factors (not convolutions)."""
-    factors = getattr(edit, "factors", None)
-    if not isinstance(factors, LoraFactors) or factors.layout == "conv":
+    """(L, R, s) with the edit's low-rank update = s * L @ R, where its form names the factors."""
+    low_rank = edit.form.low_rank
+    if low_rank is None:
         return None
-    ctx = EditContext(edit.adapter, CPU, torch.float64)
-    a, b = ctx.load(factors.a_key), ctx.load(factors.b_key)
-    scale = factors.scaling * edit.adapter.weight
-    if factors.layout == "embedding" or factors.fan_in_fan_out:
-        return a.T, b.T, scale  # delta = (B @ A).T * s = A^T @ B^T * s
-    return b, a, scale
-
-
-def is_plain_addition(edit: TensorEdit) -> bool:
-    """True when `apply` is LoRA's W + delta, so the factors' product is the whole change (DoRA rescales too)."""
-    return type(edit).apply is LoraEdit.apply
+    left, right = low_rank.load(EditContext(edit.adapter, CPU, torch.float64))
+    return left, right, low_rank.scale
 
 
 def factored_spectrum(left: torch.Tensor, right: torch.Tensor, scale: float) -> Spectrum:
@@ -366,66 +358,43 @@ def _base_stats(
 
 
 def _own_rank_scale(edit: TensorEdit) -> tuple[int | None, float | None]:
-    """The edit's rank and scale where it states them (LoRA's factors, a `scaling` attribute), else the config's r."""
-    factors = getattr(edit, "factors", None)
-    if isinstance(factors, LoraFactors):
-        return factors.rank, factors.scaling * edit.adapter.weight
-    rank = getattr(edit, "rank", None)
-    scale = getattr(edit, "scaling", None)
-    if not isinstance(rank, int):
+    """The edit's rank and scale where its form states them, else the config's r (with `rank_pattern`)."""
+    form = edit.form
+    rank = form.rank
+    if rank is None:
         rank, _ = _config_rank_alpha(edit.adapter, edit.target)
-    return rank, (float(scale) * edit.adapter.weight if isinstance(scale, int | float) else None)
+    return rank, form.scale
 
 
-def _shape_without_base(edit: TensorEdit) -> tuple[Shape | None, bool]:
-    """The delta's shape when the edit can tell from its factors: (shape, True), or (flat numel, False), or None."""
-    expected = getattr(edit, "expected_shape", None)
-    if callable(expected):
-        return tuple(expected()), True
-    numel = getattr(edit, "expected_numel", None)
-    count = numel() if callable(numel) else None
-    return ((count,), False) if isinstance(count, int) else (None, False)
+def _shape_without_base(form: EditForm) -> tuple[Shape | None, bool]:
+    """The delta's shape when the adapter tells it: (shape, True), or (flat numel, False), or (None, False)."""
+    if form.shape is not None:
+        return tuple(form.shape), True
+    return ((form.numel,), False) if form.numel is not None else (None, False)
 
 
-def _is_additive(edit: TensorEdit, shape: Shape) -> tuple[bool, torch.Tensor]:
-    """apply(0) and whether apply(x) - x equals it for a random x: then apply(0) is the delta for every base."""
-    ctx = EditContext(edit.adapter, CPU)
-    zero = torch.zeros(shape, dtype=torch.float32)
-    delta = edit.apply(zero, ctx)
-    if tuple(delta.shape) != tuple(shape):
-        return False, delta
-    probe = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    moved = edit.apply(probe.clone(), ctx) - probe  # `apply` may work in place
-    tolerance = 1e-4 * (float(delta.abs().max()) + float(probe.abs().max()))
-    return bool((moved - delta).abs().max() <= tolerance), delta
-
-
-def _is_replacement(edit: TensorEdit) -> bool:
-    return isinstance(edit, FullTensorEdit | TokenRowsEdit)
-
-
-def _replacement_note(edit: TensorEdit) -> str:
-    return "replaces rows of the base tensor" if isinstance(edit, TokenRowsEdit) else "replaces the base tensor"
+def _replacement_note(form: EditForm) -> str:
+    return "replaces rows of the base tensor" if form.rows else "replaces the base tensor"
 
 
 def _stats_without_base(edit: TensorEdit) -> ModuleStats:
     """Delta statistics from the adapter alone: from the factors for LoRA, from apply(0) for other additive edits."""
+    form = edit.form
     rank, scale = _own_rank_scale(edit)
-    if _is_replacement(edit):
-        own = [edit.adapter.weights.shape(k) for k in edit.adapter_keys()]
-        return _base_stats(edit, edit.target, own[0] if own else None, None, None, None, _replacement_note(edit))
+    if form.kind == "replacement":
+        return _base_stats(edit, edit.target, form.shape, None, None, None, _replacement_note(form))
     found = low_rank_factors(edit)
     if found is not None:
         left, right, s = found
         spectrum = factored_spectrum(left, right, s)
-        note = None if is_plain_addition(edit) else "norm of the low-rank update; the rescale needs --base"
+        note = None if form.is_additive else "norm of the low-rank update; the rescale needs --base"
         return _base_stats(edit, edit.target, (left.shape[0], right.shape[1]), spectrum, rank, scale, note)
-    shape, two_dimensional = _shape_without_base(edit)
+    shape, two_dimensional = _shape_without_base(form)
     if shape is None:
         return _base_stats(edit, edit.target, None, None, rank, scale, "delta shape unknown without --base")
-    additive, delta = _is_additive(edit, shape)
-    if not additive:
+    if not form.is_additive:
         return _base_stats(edit, edit.target, shape, None, rank, scale, "depends on the base weight: pass --base")
+    delta = edit.delta(shape, EditContext(edit.adapter, CPU))
     if not two_dimensional:
         # Only the element count is known: the norm is exact, the spectrum needs the base's shape.
         stats = _base_stats(edit, edit.target, None, None, rank, scale, "effective rank needs --base (shape)")
@@ -440,16 +409,18 @@ def _stats_with_base(plan: MergePlan) -> list[ModuleStats]:
     for planned in plan.edited:
         weight = read_tensor(planned.source).to(working_dtype(planned.source))
         for edit in planned.edits:
-            rank, scale = (None, None) if _is_replacement(edit) else _own_rank_scale(edit)
+            form = edit.form
+            replaced = form.kind == "replacement"
+            rank, scale = (None, None) if replaced else _own_rank_scale(edit)
             new = edit.apply(weight.clone(), EditContext(edit.adapter, CPU, weight.dtype))  # `apply` may work in place
             stats = _base_stats(edit, planned.name, tuple(weight.shape), None, rank, scale, None)
             base_norm = float(torch.linalg.vector_norm(weight.double()))
             stats.base_norm = base_norm
             spectrum = None
-            found = low_rank_factors(edit) if is_plain_addition(edit) else None
+            found = low_rank_factors(edit) if form.is_additive else None
             if found is not None:
                 spectrum = factored_spectrum(*found)
-            elif new.shape == weight.shape and not _is_replacement(edit):
+            elif new.shape == weight.shape and not replaced:
                 spectrum = dense_spectrum(new - weight, vectors=True)
             if spectrum is not None:
                 stats.delta_norm, stats.effective_rank = spectrum.norm, spectrum.effective_rank
@@ -462,8 +433,8 @@ def _stats_with_base(plan: MergePlan) -> list[ModuleStats]:
                 stats.delta_norm = float(torch.linalg.vector_norm((new - weight).double()))
             if stats.delta_norm is not None and base_norm > 0:
                 stats.relative_norm = stats.delta_norm / base_norm
-            if _is_replacement(edit):
-                stats.note = _replacement_note(edit)
+            if replaced:
+                stats.note = _replacement_note(form)
             out.append(stats)
             weight = new
         del weight

@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from lora_cli.adapters.base import Adapter, EditContext, Shape, TensorEdit
+from lora_cli.adapters.base import Adapter
 from lora_cli.engine import INPUT_BUFFERS, OUTPUT_BUFFERS, WriteOptions
 from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, is_float
@@ -36,7 +36,7 @@ from lora_cli.resolve import ResolvedSource
 
 # The engine reads into a ring of INPUT_BUFFERS host buffers, computes in reused buffers (`Workspace`) and writes
 # from a ring of OUTPUT_BUFFERS host buffers that the writer drains; each ring's buffers are the size of the
-# largest edited tensor (`engine.write_plan`). On the CPU, a chain of additive edits (`additive_delta`) is fused:
+# largest edited tensor (`engine.write_plan`). On the CPU, a chain of additive edits (`edit.form`) is fused:
 # each edit's delta is one working-size tensor and W + delta is formed chunk by chunk straight into the output
 # buffer. Elsewhere (on a GPU, or when the output's shape differs) additive edits are added in place to a working
 # copy of W; any other chain runs on a working copy of W, plus the edit's delta and one temporary.
@@ -144,22 +144,10 @@ def _edit_factor_bytes(planned: PlannedTensor) -> int:
     return sum(math.prod(by_id[a].weights.shape(k)) * itemsize for a, k in keys)
 
 
-def _is_additive(edit: TensorEdit, shape: Shape, seen: dict[type, bool]) -> bool:
-    """Whether the edit gives an `additive_delta`: asked once per edit class, on the meta device (no arithmetic)."""
-    kind = type(edit)
-    if kind not in seen:
-        try:
-            ctx = EditContext(edit.adapter, torch.device("meta"), torch.float32)
-            seen[kind] = edit.additive_delta(shape, ctx) is not None
-        except (RuntimeError, NotImplementedError, ValueError):
-            seen[kind] = False  # an operation meta tensors lack: assume the unfused, larger working set
-    return seen[kind]
-
-
-def _work_copies(planned: PlannedTensor, fused_device: bool, seen: dict[type, bool]) -> int:
+def _work_copies(planned: PlannedTensor, fused_device: bool) -> int:
     """Working-precision tensors of the output's size alive while `planned` is computed."""
     shape = tuple(planned.source.shape)
-    if not all(_is_additive(edit, shape, seen) for edit in planned.edits):
+    if not all(edit.form.is_additive for edit in planned.edits):
         return UNFUSED_WORK_COPIES
     if fused_device and shape == tuple(planned.output.shape):
         return len(planned.edits)
@@ -175,10 +163,9 @@ def streaming_working_set(plan: MergePlan, device: str = "cpu") -> tuple[dict[st
     """
     edited = [planned for planned in plan.tensors if not planned.is_copy]
     work = factors = 0
-    seen: dict[type, bool] = {}
     largest = None
     for planned in edited:
-        copies = _work_copies(planned, not device.startswith("cuda"), seen)
+        copies = _work_copies(planned, not device.startswith("cuda"))
         size = math.prod(planned.output.shape) * working_dtype(planned.source).itemsize * copies
         if size > work:
             work, largest = size, planned.name

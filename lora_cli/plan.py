@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lora_cli.adapters.base import Adapter, Shape, TensorEdit, kind_for
+from lora_cli.adapters.base import Adapter, Shape, TensorEdit
 from lora_cli.adapters.common import FullTensorEdit, TokenRowsEdit, shared_edits
+from lora_cli.adapters.registry import kind_for
 from lora_cli.errors import AdapterMismatchError, InputError
 from lora_cli.io.checkpoint import CheckpointIndex
 from lora_cli.io.dtypes import NAMED_DTYPES, TORCH_TO_SAFETENSORS, is_float

@@ -104,7 +104,7 @@ def _refold_tied(plan: MergePlan) -> None:
 
 def _check_base_needs(plan: MergePlan, base: CheckpointIndex | None) -> dict[str, TensorInfo]:
     """The base tensor for every target whose edits need it; refuses when there is no base to take it from."""
-    needing = [(t, e) for t in plan.tensors for e in t.edits if e.needs_base_to_revert()]
+    needing = [(t, e) for t in plan.tensors for e in t.edits if e.form.revert_needs_base]
     if not needing:
         return {}
     if base is None:

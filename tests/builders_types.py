@@ -51,7 +51,7 @@ def revert_all(base_dir: Path, adapter_dirs: list[Path], merged: dict[str, torch
     for planned in plan.edited:
         tensor = merged[planned.name].float().clone()  # revert may work in place
         for edit in reversed(planned.edits):
-            original = base[planned.name].float() if edit.needs_base_to_revert() else None
+            original = base[planned.name].float() if edit.form.revert_needs_base else None
             tensor = edit.revert(tensor, EditContext(edit.adapter, torch.device("cpu")), original)
         restored[planned.name] = tensor
     return restored

@@ -12,8 +12,9 @@ from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from lora_cli.adapters.base import EditContext, TensorEdit, kind_for
+from lora_cli.adapters.base import EditContext, EditForm, TensorEdit
 from lora_cli.adapters.loading import load_adapter
+from lora_cli.adapters.registry import kind_for
 from lora_cli.cli.app import app
 from lora_cli.inspect import (
     _stats_without_base,
@@ -164,7 +165,8 @@ def test_factored_spectrum_matches_dense() -> None:
 
 
 class _Opaque(TensorEdit):
-    """Hides a LoRA edit's factors: the generic path (delta = apply(0), dense spectrum) must agree with them."""
+    """Hides a LoRA edit's factors: an additive edit that names no factors (its dense delta and spectrum) must agree
+    with the factored path."""
 
     kind = "opaque"
 
@@ -172,21 +174,29 @@ class _Opaque(TensorEdit):
         super().__init__(inner.adapter, inner.target)
         self.inner = inner
 
-    def expected_shape(self) -> tuple[int, ...]:
-        return self.inner.expected_shape()
+    @property
+    def form(self) -> EditForm:
+        return EditForm("additive", shape=self.inner.form.shape)
+
+    def delta(self, shape: tuple[int, ...], ctx: EditContext) -> torch.Tensor:
+        return self.inner.delta(shape, ctx)
 
     def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
         return self.inner.apply(weight, ctx)
 
 
 class _Scaling(_Opaque):
-    """A multiplicative edit (like IA3): apply(0) is not its delta, so no norm without the base."""
+    """A multiplicative edit (like IA3): no delta of its own, so no norm without the base."""
+
+    @property
+    def form(self) -> EditForm:
+        return EditForm("transform", shape=self.inner.form.shape)
 
     def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
         return weight * 1.5
 
 
-def test_generic_edits_use_apply_on_zero_when_additive(adapters: dict) -> None:
+def test_generic_additive_edits_use_their_dense_delta(adapters: dict) -> None:
     adapter = load_adapter(adapters["lora"][0])
     edits = kind_for(adapter).edits(adapter, lambda name: None)
     for edit in edits:

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, config_number, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import config_number, require
 
 PARAMS = ("lora_A", "lora_B", "lora_E")
 
@@ -23,7 +24,7 @@ class AdaloraEdit(AdditiveEdit):
     def __init__(self, adapter: Adapter, target: str, params: dict[str, str], scaling: float, ranknum: float) -> None:
         keys = [params[name] for name in (*PARAMS, "ranknum") if name in params]
         rank = adapter.weights.shape(params["lora_A"])[0]
-        super().__init__(adapter, target, keys, f"r={rank} scale={scaling:g} ranknum={ranknum:g}")
+        super().__init__(adapter, target, keys, f"r={rank} scale={scaling:g} ranknum={ranknum:g}", scale=scaling)
         self.params = params
         self.scaling = scaling
         self.ranknum = ranknum
@@ -33,7 +34,7 @@ class AdaloraEdit(AdditiveEdit):
         a, b = self.adapter.weights.shape(self.params["lora_A"]), self.adapter.weights.shape(self.params["lora_B"])
         return b[0] * a[1]
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         a, b, e = (ctx.load(self.params[name]) for name in PARAMS)
         if "ranknum" in self.params:  # older files saved it
             ranknum = ctx.load(self.params["ranknum"])
@@ -45,18 +46,16 @@ class AdaloraEdit(AdditiveEdit):
         return (product * self.scaling / (ranknum + 1e-5)).reshape(shape)
 
 
-@register
 class Adalora(AdapterKind):
     peft_type = "ADALORA"
     param_roots = frozenset({*PARAMS, "ranknum"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        edits: list[TensorEdit] = []
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        require(adapter, module, *PARAMS)
         init_r = config_number(adapter, "init_r", 12)
         alpha = config_number(adapter, "lora_alpha", 8)
-        for module in adapter.modules.values():
-            require(adapter, module, *PARAMS)
-            rank = adapter.weights.shape(module.params["lora_A"])[0]
-            scaling = alpha if alpha > 0 else float(rank)
-            edits.append(AdaloraEdit(adapter, f"{module.path}.weight", module.params, scaling, float(init_r)))
-        return edits
+        rank = adapter.weights.shape(module.params["lora_A"])[0]
+        scaling = alpha if alpha > 0 else float(rank)
+        return [AdaloraEdit(adapter, f"{module.path}.weight", module.params, scaling, float(init_r))]

@@ -1,6 +1,7 @@
 """The edit most adapter types reduce to: W + w * delta, with delta computed in PEFT's order in working precision.
 
-Each type supplies `delta`; the user's `ADAPTER@w` multiplier, the shape check and the exact undo live here once.
+Each type supplies `peft_delta` (PEFT's `get_delta_weight`); the user's `ADAPTER@w` multiplier, the shape check,
+the form and the exact undo live here once.
 """
 
 from __future__ import annotations
@@ -10,24 +11,54 @@ from abc import abstractmethod
 
 import torch
 
-from lora_cli.adapters.base import Adapter, AdapterModule, EditContext, Shape, TensorEdit
-from lora_cli.errors import InputError, UnsupportedAdapterError
+from lora_cli.adapters.base import Adapter, EditContext, EditForm, LowRank, Shape, TensorEdit
 
 
 class AdditiveEdit(TensorEdit):
     """W + w * delta(W's shape); undone by subtracting the same delta."""
 
-    def __init__(self, adapter: Adapter, target: str, keys: list[str], detail: str = "") -> None:
+    def __init__(
+        self,
+        adapter: Adapter,
+        target: str,
+        keys: list[str],
+        detail: str = "",
+        *,
+        rank: int | None = None,
+        scale: float | None = None,
+    ) -> None:
         super().__init__(adapter, target)
         self.keys = keys
         self.detail = detail
+        self.rank = rank
+        self.scale = scale  # the type's own scaling (alpha / r and the like), before ADAPTER@w
 
     def adapter_keys(self) -> list[str]:
         return list(self.keys)
 
-    def expected_numel(self) -> int | None:
-        """How many elements the delta has, when the factors alone tell (None: `check_shape` decides)."""
+    def expected_shape(self) -> Shape | None:
+        """The delta's shape, when the adapter tensors alone tell."""
         return None
+
+    def expected_numel(self) -> int | None:
+        """How many elements the delta has, when the factors alone tell (None: `check` decides)."""
+        shape = self.expected_shape()
+        return math.prod(shape) if shape is not None else None
+
+    def low_rank(self) -> LowRank | None:
+        """The factors, where the delta is a product of two adapter tensors."""
+        return None
+
+    @property
+    def form(self) -> EditForm:
+        return EditForm(
+            "additive",
+            shape=self.expected_shape(),
+            numel=self.expected_numel(),
+            rank=self.rank,
+            scale=None if self.scale is None else self.scale * self.adapter.weight,
+            low_rank=self.low_rank(),
+        )
 
     def check(self, shape: Shape) -> str | None:
         numel = self.expected_numel()
@@ -36,60 +67,18 @@ class AdditiveEdit(TensorEdit):
         return None
 
     @abstractmethod
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
-        """The module's delta for a base tensor of `shape`, in PEFT's order of operations."""
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+        """The module's delta for a base tensor of `shape`, in PEFT's order of operations (its `get_delta_weight`)."""
 
-    def scaled_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
-        delta = self.delta(shape, ctx)
+    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+        delta = self.peft_delta(shape, ctx)
         return delta if self.adapter.weight == 1.0 else delta * self.adapter.weight
 
-    def additive_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor | None:
-        return self.scaled_delta(shape, ctx)
-
     def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        return weight.add_(self.scaled_delta(tuple(weight.shape), ctx))
+        return weight.add_(self.delta(tuple(weight.shape), ctx))
 
     def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
-        return merged - self.scaled_delta(tuple(merged.shape), ctx)
+        return merged.sub_(self.delta(tuple(merged.shape), ctx))
 
     def describe(self) -> str:
         return f"{self.kind} {self.detail}".strip()
-
-
-def config_number(
-    adapter: Adapter, key: str, default: float, *, pattern: str | None = None, module_path: str = ""
-) -> float:
-    """A numeric config value, with its per-module override from `pattern` (e.g. `alpha_pattern`), validated."""
-    value = adapter.config.get(key, default)
-    if value is None:
-        value = default
-    if pattern is not None:
-        value = adapter.pattern_value(pattern, module_path, value)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise InputError(f"{key} must be a number, got {value!r}", path=adapter.directory / "adapter_config.json")
-    return value
-
-
-def refuse_weight(adapter: Adapter, name: str, why: str) -> None:
-    """`ADAPTER@WEIGHT` scales a delta; types that rotate or multiply the base have none to scale."""
-    if adapter.weight != 1.0:
-        raise UnsupportedAdapterError(
-            f"{why}, so ADAPTER@WEIGHT is not defined for it",
-            path=adapter.ref,
-            fix=f"pass the {name} adapter without @WEIGHT",
-        )
-
-
-def require(adapter: Adapter, module: AdapterModule, *names: str) -> list[str]:
-    """The adapter keys of `names` in this module, in that order; one clear error when any is missing."""
-    if not all(module.has(name) for name in names):
-        raise missing_params(adapter, module.path, list(module.params), " and ".join(names))
-    return [module.params[name] for name in names]
-
-
-def missing_params(adapter: Adapter, module_path: str, have: list[str], need: str) -> InputError:
-    return InputError(
-        f"{module_path} has {sorted(have)} but not {need}",
-        path=adapter.weights.path,
-        fix="the adapter file is incomplete; re-save it",
-    )

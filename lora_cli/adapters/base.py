@@ -1,7 +1,8 @@
-"""The interface every adapter type implements, and the registry that maps `peft_type` to it.
+"""The interface every adapter type implements: adapters, their modules, and the edits they make to base tensors.
 
-An adapter type turns a loaded adapter into `TensorEdit`s, one per base tensor it changes. The merge engine
-only ever calls `apply` (and unmerge `revert`) on edits; it never asks which type made them.
+An adapter type turns a loaded adapter into `TensorEdit`s, one per base tensor it changes. Each edit describes its
+form (`EditForm`: additive, replacement or transform, with its factors where it has them), so the engine, `memory`,
+`inspect` and `unmerge` ask the edit rather than which type made it. The registry is `registry.py`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
-from lora_cli.errors import NonFiniteError, NotRevertibleError, UnsupportedAdapterError
+from lora_cli.errors import NonFiniteError, NotRevertibleError
 from lora_cli.numerics import all_finite
 
 Shape = tuple[int, ...]
+# The module path under which tensors saved once for the whole model are grouped, not per module.
+SHARED_MODULE = ""
 
 
 class AdapterWeights(ABC):
@@ -146,10 +149,53 @@ class EditContext:
         return tensor.to(self.device).to(self.work_dtype) if tensor.is_floating_point() else tensor.to(self.device)
 
 
+@dataclass(frozen=True)
+class LowRank:
+    """A delta that is `scale * left @ right`, from two adapter tensors: PEFT's `B @ A`, or `(B @ A).T` when the
+    layer stores its weight transposed (`fan_in_fan_out`, embeddings), which is `A.T @ B.T`."""
+
+    a_key: str
+    b_key: str
+    rank: int
+    scale: float  # PEFT's scaling times the user's ADAPTER@w
+    transposed: bool = False
+
+    def load(self, ctx: EditContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left, right) in the context's precision, so that the delta is `scale * left @ right`."""
+        a, b = ctx.load(self.a_key), ctx.load(self.b_key)
+        return (a.T, b.T) if self.transposed else (b, a)
+
+
+@dataclass(frozen=True)
+class EditForm:
+    """What an edit does to its tensor, so that callers ask instead of probing.
+
+    - "additive": W + delta, where `delta` depends on W's shape only (`TensorEdit.delta` gives it, scaled);
+    - "replacement": the adapter's values replace the tensor (or, with `rows`, some of its rows);
+    - "transform": anything else (a product, a rotation, DoRA's rescale): only `apply` can tell.
+    `shape` (or, when only the element count is known, `numel`) is what the adapter alone says of the delta or
+    the replacement; `low_rank` is set where the delta (or, for DoRA, its inner update) is a product of factors.
+    """
+
+    kind: Literal["additive", "replacement", "transform"]
+    shape: Shape | None = None
+    numel: int | None = None
+    rank: int | None = None
+    scale: float | None = None
+    low_rank: LowRank | None = None
+    rows: bool = False
+    revert_needs_base: bool = False
+
+    @property
+    def is_additive(self) -> bool:
+        return self.kind == "additive"
+
+
 class TensorEdit(ABC):
     """What one adapter does to one base tensor. `apply` gets and returns working precision on the device.
 
     `apply` and `revert` may work in place on the tensor they are given: the engine hands them its own copy.
+    `form` says which kind of change it is; additive edits also give their `delta` on its own.
     """
 
     adapter: Adapter
@@ -160,13 +206,17 @@ class TensorEdit(ABC):
         self.adapter = adapter
         self.target = target
 
+    @property
+    def form(self) -> EditForm:
+        return EditForm("transform")
+
     def output_shape(self, shape: Shape) -> Shape:
         """The shape the tensor has after this edit (only resized embeddings change it)."""
         return shape
 
-    def additive_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor | None:
-        """For edits that are W + delta, the delta (so the engine can fuse the add with the rounding); else None."""
-        return None
+    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+        """For an additive edit, the delta it adds to a base tensor of `shape` (ADAPTER@w applied)."""
+        raise TypeError(f"{type(self).__name__} is not additive ({self.form.kind})")
 
     def check(self, shape: Shape) -> str | None:
         """Why this edit cannot apply to a base tensor of `shape`, or None when it fits."""
@@ -183,54 +233,37 @@ class TensorEdit(ABC):
         """Undo `apply`. `base` is the original tensor when the user supplied the base (`--base`)."""
         raise NotRevertibleError(f"{type(self).__name__} edits cannot be undone", path=self.adapter.ref)
 
-    def needs_base_to_revert(self) -> bool:
-        return False
-
     def describe(self) -> str:
         return self.kind
 
 
 class AdapterKind(ABC):
-    """One PEFT adapter type: which tensor names are its own, and how they become edits."""
+    """One PEFT adapter type: which tensor names are its own, and how each adapted module becomes edits."""
 
     peft_type: ClassVar[str]
     # First name segments of this type's parameters, e.g. {"lora_A", "lora_B"}: how keys are grouped by module.
     param_roots: ClassVar[frozenset[str]]
 
-    @abstractmethod
     def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
         """Edits for every module of `adapter`. `base_shape(name)` gives a base tensor's shape, None if absent."""
+        self.check_adapter(adapter)
+        edits: list[TensorEdit] = []
+        for module in adapter.modules.values():
+            if module.path != SHARED_MODULE:
+                edits.extend(self.module_edits(adapter, module, base_shape))
+        return edits
 
+    def check_adapter(self, adapter: Adapter) -> None:
+        """Refuse what is wrong with the adapter as a whole (a missing shared tensor, a weight it cannot scale)."""
+        return None
 
-REGISTRY: dict[str, AdapterKind] = {}
+    @abstractmethod
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        """The edits of one adapted module."""
 
-# Types PEFT can merge that loractl refuses by name; filled by modules that know why.
-REFUSED: dict[str, str] = {}
-
-
-def register(kind: type[AdapterKind]) -> type[AdapterKind]:
-    REGISTRY[kind.peft_type] = kind()
-    return kind
-
-
-def kind_for(adapter: Adapter) -> AdapterKind:
-    from lora_cli.adapters import registry  # noqa: F401 - importing it registers every type
-
-    peft_type = adapter.peft_type
-    if peft_type in REGISTRY:
-        return REGISTRY[peft_type]
-    reason = REFUSED.get(peft_type, "loractl does not merge this adapter type")
-    raise UnsupportedAdapterError(
-        f"adapter type {peft_type or '(none)'} is not supported: {reason}",
-        path=adapter.directory / "adapter_config.json",
-        fix="see README for the supported types",
-    )
-
-
-def all_param_roots() -> frozenset[str]:
-    from lora_cli.adapters import registry  # noqa: F401
-
-    roots: set[str] = set()
-    for kind in REGISTRY.values():
-        roots |= kind.param_roots
-    return frozenset(roots)
+    def shared_params(self, adapter: Adapter) -> dict[str, str]:
+        """Tensors saved once for the whole model (VeRA's projections, VB-LoRA's bank), by parameter name."""
+        shared = adapter.modules.get(SHARED_MODULE)
+        return dict(shared.params) if shared else {}

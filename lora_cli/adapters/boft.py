@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import refuse_weight, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import refuse_weight, require
 from lora_cli.errors import NotRevertibleError
 
 
@@ -99,15 +99,15 @@ class BoftEdit(TensorEdit):
         return f"boft factors={factors} blocks={blocks} block_size={size}"
 
 
-@register
 class Boft(AdapterKind):
     peft_type = "BOFT"
     param_roots = frozenset({"boft_R", "boft_s"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+    def check_adapter(self, adapter: Adapter) -> None:
         refuse_weight(adapter, "BOFT", "a BOFT rotation has no delta to scale")
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            rotation, scale = require(adapter, module, "boft_R", "boft_s")
-            edits.append(BoftEdit(adapter, f"{module.path}.weight", rotation, scale))
-        return edits
+
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        rotation, scale = require(adapter, module, "boft_R", "boft_s")
+        return [BoftEdit(adapter, f"{module.path}.weight", rotation, scale)]

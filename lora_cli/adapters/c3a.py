@@ -12,8 +12,9 @@ from collections.abc import Callable
 import torch
 from torch.fft import fft, ifft
 
-from lora_cli.adapters.additive import AdditiveEdit, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import require
 
 
 def circulant(kernel: torch.Tensor) -> torch.Tensor:
@@ -38,18 +39,16 @@ class C3aEdit(AdditiveEdit):
             return None
         return f"{self.target}: C3A kernels {(rows, cols, block)} vs base {tuple(shape)}"
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         return circulant(ctx.load(self.key).to(torch.float32)) / shape[-1]
 
 
-@register
 class C3a(AdapterKind):
     peft_type = "C3A"
     param_roots = frozenset({"c3a_kernel"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            (key,) = require(adapter, module, "c3a_kernel")
-            edits.append(C3aEdit(adapter, f"{module.path}.weight", key))
-        return edits
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        (key,) = require(adapter, module, "c3a_kernel")
+        return [C3aEdit(adapter, f"{module.path}.weight", key)]

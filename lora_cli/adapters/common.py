@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_cli.adapters.base import Adapter, EditContext, Shape, TensorEdit
+from lora_cli.adapters.base import Adapter, EditContext, EditForm, Shape, TensorEdit
 from lora_cli.errors import InputError, NotRevertibleError
 
 
@@ -24,6 +24,11 @@ class FullTensorEdit(TensorEdit):
     def adapter_keys(self) -> list[str]:
         return [self.key]
 
+    @property
+    def form(self) -> EditForm:
+        shape = tuple(self.adapter.weights.shape(self.key))
+        return EditForm("replacement", shape=shape, revert_needs_base=self.origin == "modules_to_save")
+
     def output_shape(self, shape: Shape) -> Shape:
         return self.adapter.weights.shape(self.key)
 
@@ -38,9 +43,6 @@ class FullTensorEdit(TensorEdit):
 
     def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
         return ctx.load(self.key)
-
-    def needs_base_to_revert(self) -> bool:
-        return self.origin == "modules_to_save"
 
     def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
         if self.origin == "base_layer":
@@ -68,6 +70,11 @@ class TokenRowsEdit(TensorEdit):
     def adapter_keys(self) -> list[str]:
         return [self.key]
 
+    @property
+    def form(self) -> EditForm:
+        shape = tuple(self.adapter.weights.shape(self.key))
+        return EditForm("replacement", shape=shape, rows=True, revert_needs_base=True)
+
     def check(self, shape: Shape) -> str | None:
         rows = self.adapter.weights.shape(self.key)
         if len(shape) != 2 or rows != (len(self.indices), shape[1]):
@@ -79,9 +86,6 @@ class TokenRowsEdit(TensorEdit):
     def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
         index = torch.tensor(self.indices, device=weight.device)
         return weight.index_copy(0, index, ctx.load(self.key).to(weight.dtype))
-
-    def needs_base_to_revert(self) -> bool:
-        return True
 
     def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
         if base is None:

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import require
 
 PARAMS = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
 
@@ -22,7 +23,7 @@ class DeloraEdit(AdditiveEdit):
 
     def __init__(self, adapter: Adapter, target: str, params: dict[str, str]) -> None:
         self.rank = adapter.weights.shape(params["delora_A"])[0]
-        super().__init__(adapter, target, [params[name] for name in PARAMS], f"r={self.rank}")
+        super().__init__(adapter, target, [params[name] for name in PARAMS], f"r={self.rank}", rank=self.rank)
         self.params = params
 
     def expected_numel(self) -> int:
@@ -31,7 +32,7 @@ class DeloraEdit(AdditiveEdit):
             * self.adapter.weights.shape(self.params["delora_A"])[1]
         )
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         a, b, lam, w_norm = (ctx.load(self.params[name]) for name in PARAMS)
         a_norm = torch.clamp(a.norm(dim=1), min=1e-4)
         b_norm = torch.clamp(b.norm(dim=0), min=1e-4)
@@ -39,14 +40,12 @@ class DeloraEdit(AdditiveEdit):
         return ((b @ diag @ a) * w_norm.unsqueeze(0)).reshape(shape)
 
 
-@register
 class Delora(AdapterKind):
     peft_type = "DELORA"
     param_roots = frozenset(PARAMS)
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            require(adapter, module, *PARAMS)
-            edits.append(DeloraEdit(adapter, f"{module.path}.weight", module.params))
-        return edits
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        require(adapter, module, *PARAMS)
+        return [DeloraEdit(adapter, f"{module.path}.weight", module.params)]

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, config_number, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import config_number, require
 
 
 class FourierftEdit(AdditiveEdit):
@@ -20,7 +21,7 @@ class FourierftEdit(AdditiveEdit):
 
     def __init__(self, adapter: Adapter, target: str, key: str, scaling: float, seed: int) -> None:
         n = adapter.weights.shape(key)[0]
-        super().__init__(adapter, target, [key], f"n_frequency={n} scale={scaling:g}")
+        super().__init__(adapter, target, [key], f"n_frequency={n} scale={scaling:g}", scale=scaling)
         self.key, self.scaling, self.seed, self.n = key, scaling, seed, n
         self.fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
 
@@ -34,7 +35,7 @@ class FourierftEdit(AdditiveEdit):
             return f"{self.target}: {self.n} frequencies vs base {tuple(shape)}"
         return None
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         out, into = self._features(shape)
         generator = torch.Generator().manual_seed(self.seed)
         flat = torch.randperm(out * into, generator=generator)[: self.n]
@@ -46,16 +47,14 @@ class FourierftEdit(AdditiveEdit):
         return delta.T if self.fan_in_fan_out else delta
 
 
-@register
 class Fourierft(AdapterKind):
     peft_type = "FOURIERFT"
     param_roots = frozenset({"fourierft_spectrum"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
         scaling = config_number(adapter, "scaling", 150.0)
         seed = int(config_number(adapter, "random_loc_seed", 777))
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            (key,) = require(adapter, module, "fourierft_spectrum")
-            edits.append(FourierftEdit(adapter, f"{module.path}.weight", key, scaling, seed))
-        return edits
+        (key,) = require(adapter, module, "fourierft_spectrum")
+        return [FourierftEdit(adapter, f"{module.path}.weight", key, scaling, seed)]

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import refuse_weight, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import refuse_weight, require
 
 
 def householder(u: torch.Tensor, gram_schmidt: bool) -> torch.Tensor:
@@ -67,15 +67,15 @@ class HraEdit(TensorEdit):
         return f"hra r={self.adapter.weights.shape(self.key)[1]}"
 
 
-@register
 class Hra(AdapterKind):
     peft_type = "HRA"
     param_roots = frozenset({"hra_u"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+    def check_adapter(self, adapter: Adapter) -> None:
         refuse_weight(adapter, "HRA", "an HRA reflection has no delta to scale")
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            (key,) = require(adapter, module, "hra_u")
-            edits.append(HraEdit(adapter, f"{module.path}.weight", key))
-        return edits
+
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        (key,) = require(adapter, module, "hra_u")
+        return [HraEdit(adapter, f"{module.path}.weight", key)]

@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
-from lora_cli.errors import InputError, NotRevertibleError
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import require
+from lora_cli.errors import NotRevertibleError
 
 
 class Ia3Edit(TensorEdit):
@@ -79,19 +80,16 @@ def is_feedforward(adapter: Adapter, module_path: str) -> bool:
     return False
 
 
-@register
 class Ia3(AdapterKind):
     peft_type = "IA3"
     param_roots = frozenset({"ia3_l"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            key = module.params.get("ia3_l")
-            if key is None:
-                raise InputError(f"{module.path} has {sorted(module.params)} but no ia3_l", path=adapter.weights.path)
-            feedforward = is_feedforward(adapter, module.path)
-            edits.append(Ia3Edit(adapter, f"{module.path}.weight", key, feedforward, is_bias=False))
-            if not feedforward and base_shape(f"{module.path}.bias") is not None:
-                edits.append(Ia3Edit(adapter, f"{module.path}.bias", key, feedforward, is_bias=True))
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        (key,) = require(adapter, module, "ia3_l")
+        feedforward = is_feedforward(adapter, module.path)
+        edits: list[TensorEdit] = [Ia3Edit(adapter, f"{module.path}.weight", key, feedforward, is_bias=False)]
+        if not feedforward and base_shape(f"{module.path}.bias") is not None:
+            edits.append(Ia3Edit(adapter, f"{module.path}.bias", key, feedforward, is_bias=True))
         return edits

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lora_cli.adapters.base import Adapter, AdapterKind, Shape, TensorEdit, register
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, Shape, TensorEdit
 from lora_cli.adapters.common import FullTensorEdit
 
 
-@register
 class LnTuning(AdapterKind):
     peft_type = "LN_TUNING"
     param_roots = frozenset({"ln_tuning_layers"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            for param, key in module.params.items():
-                name = param.removeprefix("ln_tuning_layers.")
-                edits.append(FullTensorEdit(adapter, f"{module.path}.{name}", key, "modules_to_save"))
-        return edits
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        return [
+            FullTensorEdit(adapter, f"{module.path}.{param.removeprefix('ln_tuning_layers.')}", key, "modules_to_save")
+            for param, key in module.params.items()
+        ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lora_cli.adapters.base import Adapter, AdapterModule, AdapterWeights, kind_for
+from lora_cli.adapters.base import Adapter, AdapterModule, AdapterWeights
+from lora_cli.adapters.registry import kind_for
 from lora_cli.adapters.weights import PickleWeights, SafetensorsWeights
 from lora_cli.errors import InputError
 from lora_cli.io.checkpoint import read_json
@@ -12,8 +13,6 @@ from lora_cli.io.checkpoint import read_json
 CONFIG_FILE = "adapter_config.json"
 PEFT_PREFIXES = ("base_model.model.", "base_model.")
 WEIGHT_SUFFIXES = ("weight", "bias")
-# The module path under which `group_keys` files tensors saved once for the whole model, not per module.
-SHARED_MODULE = ""
 
 
 def parse_adapter_arg(arg: str) -> tuple[str, float]:

@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, config_number, missing_params
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import config_number, mismatched_rank, missing_params
 from lora_cli.errors import InputError
 
 FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -25,7 +26,7 @@ class LohaEdit(AdditiveEdit):
 
     def __init__(self, adapter: Adapter, target: str, params: dict[str, str], scaling: float, rank: int) -> None:
         keys = [params[name] for name in (*FACTORS, *CP_CORES) if name in params]
-        super().__init__(adapter, target, keys, f"r={rank} scale={scaling:g}")
+        super().__init__(adapter, target, keys, f"r={rank} scale={scaling:g}", rank=rank, scale=scaling)
         self.params = params
         self.scaling = scaling
         self.cp = all(name in params for name in CP_CORES)
@@ -37,7 +38,7 @@ class LohaEdit(AdditiveEdit):
             return w1a[1] * w1b[1] * math.prod(shape(self.params["hada_t1"])[2:])
         return w1a[0] * w1b[1]
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         w1a, w1b, w2a, w2b = (ctx.load(self.params[name]) for name in FACTORS)
         scale = torch.tensor(self.scaling, dtype=w1a.dtype, device=w1a.device)  # PEFT: torch.tensor(scaling)
         if self.cp:
@@ -63,23 +64,17 @@ def lycoris_scaling(adapter: Adapter, module_path: str) -> tuple[float, int]:
     return alpha / int(rank), int(rank)
 
 
-@register
 class Loha(AdapterKind):
     peft_type = "LOHA"
     param_roots = frozenset({*FACTORS, *CP_CORES})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            if not all(module.has(name) for name in FACTORS):
-                raise missing_params(adapter, module.path, list(module.params), "all four hada_w factors")
-            scaling, rank = lycoris_scaling(adapter, module.path)
-            stored = adapter.weights.shape(module.params["hada_w1_b"])[0]
-            if stored != rank:
-                raise InputError(
-                    f"{module.path}: config gives r={rank} but its hada_w1_b has rank {stored}",
-                    path=adapter.directory / "adapter_config.json",
-                    fix="the config and the weights do not belong together; re-save the adapter",
-                )
-            edits.append(LohaEdit(adapter, f"{module.path}.weight", module.params, scaling, rank))
-        return edits
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        if not all(module.has(name) for name in FACTORS):
+            raise missing_params(adapter, module.path, list(module.params), "all four hada_w factors")
+        scaling, rank = lycoris_scaling(adapter, module.path)
+        stored = adapter.weights.shape(module.params["hada_w1_b"])[0]
+        if stored != rank:
+            raise mismatched_rank(adapter, module.path, rank, "hada_w1_b", stored)
+        return [LohaEdit(adapter, f"{module.path}.weight", module.params, scaling, rank)]

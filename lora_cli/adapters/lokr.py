@@ -11,9 +11,10 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, missing_params
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
 from lora_cli.adapters.loha import lycoris_scaling
+from lora_cli.adapters.params import missing_params
 
 PARAMS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -22,7 +23,14 @@ class LokrEdit(AdditiveEdit):
     kind = "lokr"
 
     def __init__(self, adapter: Adapter, target: str, params: dict[str, str], scaling: float, rank: int) -> None:
-        super().__init__(adapter, target, [params[n] for n in PARAMS if n in params], f"r={rank} scale={scaling:g}")
+        super().__init__(
+            adapter,
+            target,
+            [params[n] for n in PARAMS if n in params],
+            f"r={rank} scale={scaling:g}",
+            rank=rank,
+            scale=scaling,
+        )
         self.params = params
         self.scaling = scaling
 
@@ -56,26 +64,24 @@ class LokrEdit(AdditiveEdit):
 
         return numel("lokr_w1", "lokr_w1_a", "lokr_w1_b") * numel("lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         w1, w2 = self._w1(ctx), self._w2(ctx)
         if w2.dim() == 4:  # PEFT's make_kron: a 2-D w1 gains two unit dims to pair with a conv kernel
             w1 = w1.unsqueeze(2).unsqueeze(2)
         return (torch.kron(w1, w2.contiguous()) * self.scaling).reshape(shape)
 
 
-@register
 class Lokr(AdapterKind):
     peft_type = "LOKR"
     param_roots = frozenset(PARAMS)
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            has = module.has
-            w1 = has("lokr_w1") or (has("lokr_w1_a") and has("lokr_w1_b"))
-            w2 = has("lokr_w2") or (has("lokr_w2_a") and has("lokr_w2_b"))
-            if not (w1 and w2):
-                raise missing_params(adapter, module.path, list(module.params), "both Kronecker factors")
-            scaling, rank = lycoris_scaling(adapter, module.path)
-            edits.append(LokrEdit(adapter, f"{module.path}.weight", module.params, scaling, rank))
-        return edits
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        has = module.has
+        w1 = has("lokr_w1") or (has("lokr_w1_a") and has("lokr_w1_b"))
+        w2 = has("lokr_w2") or (has("lokr_w2_a") and has("lokr_w2_b"))
+        if not (w1 and w2):
+            raise missing_params(adapter, module.path, list(module.params), "both Kronecker factors")
+        scaling, rank = lycoris_scaling(adapter, module.path)
+        return [LokrEdit(adapter, f"{module.path}.weight", module.params, scaling, rank)]

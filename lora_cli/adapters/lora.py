@@ -8,15 +8,29 @@ base in fp32 with one rounding at the end: the exact bytes of PEFT's CPU `merge_
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit, register
-from lora_cli.errors import InputError
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import (
+    Adapter,
+    AdapterKind,
+    AdapterModule,
+    EditContext,
+    EditForm,
+    LowRank,
+    Shape,
+    TensorEdit,
+)
+from lora_cli.adapters.params import mismatched_rank, missing_params
+from lora_cli.errors import InputError, NotRevertibleError
 
 
 @dataclass(frozen=True)
@@ -52,17 +66,86 @@ def lora_delta(factors: LoraFactors, ctx: EditContext, base_shape: Shape) -> tor
     raise ValueError(f"unknown LoRA layout {factors.layout!r}")
 
 
-class LoraEdit(TensorEdit):
-    """W + scale * delta, where scale is the user's `ADAPTER@w` multiplier (1 by default)."""
+class LoraVariant(ABC):
+    """A variant composed onto a LoRA edit (PEFT's `LoraVariant`, `peft/tuners/lora/variants.py`): it changes how the
+    plain low-rank delta is merged into W and taken out again."""
 
-    kind = "lora"
+    name: ClassVar[str]
 
-    def __init__(self, adapter: Adapter, target: str, factors: LoraFactors) -> None:
-        super().__init__(adapter, target)
-        self.factors = factors
+    @abstractmethod
+    def adapter_keys(self) -> list[str]: ...
+
+    @abstractmethod
+    def merge(self, edit: LoraEdit, weight: torch.Tensor, delta: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        """W merged with the plain delta, as the variant's `merge_safe` computes it."""
+
+    @abstractmethod
+    def unmerge(
+        self, edit: LoraEdit, merged: torch.Tensor, delta: torch.Tensor, ctx: EditContext, base: torch.Tensor | None
+    ) -> torch.Tensor:
+        """W back from the merged tensor; `base` is the original when the user gave one."""
+
+    revert_needs_base: ClassVar[bool] = False
+
+
+class DoraVariant(LoraVariant):
+    """DoRA: m / ||W + delta|| * (W + delta), the norm taken over each output (or, for embeddings, input) unit."""
+
+    name = "dora"
+    revert_needs_base = True  # the merged tensor no longer holds ||W + delta||
+
+    def __init__(self, magnitude_key: str) -> None:
+        self.magnitude_key = magnitude_key
 
     def adapter_keys(self) -> list[str]:
-        return [self.factors.a_key, self.factors.b_key]
+        return [self.magnitude_key]
+
+    def _factor(self, edit: LoraEdit, base: torch.Tensor, delta: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        magnitude = ctx.load(self.magnitude_key)
+        if edit.factors.layout == "conv":
+            # `DoraConv2dLayer.get_weight_norm`: one norm per output channel.
+            norm = (base + delta).norm(p=2, dim=tuple(range(1, base.dim())), keepdim=True).transpose(1, 0)
+            return (magnitude / norm).view(-1, *([1] * (base.dim() - 1)))
+        # `DoraLinearLayer.get_weight_norm`: transpose for Conv1D-style and embedding weights, then row norms.
+        transposed = edit.factors.fan_in_fan_out or edit.factors.layout == "embedding"
+        combined = (base + delta).T if transposed else base + delta
+        norm = torch.linalg.norm(combined, dim=1).to(combined.dtype)
+        factor = magnitude / norm
+        return factor.view(1, -1) if transposed else factor.view(-1, 1)
+
+    def merge(self, edit: LoraEdit, weight: torch.Tensor, delta: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        return self._factor(edit, weight, delta, ctx) * (weight + delta)
+
+    def unmerge(
+        self, edit: LoraEdit, merged: torch.Tensor, delta: torch.Tensor, ctx: EditContext, base: torch.Tensor | None
+    ) -> torch.Tensor:
+        if base is None:
+            raise NotRevertibleError(
+                f"{edit.target} is a DoRA merge; undoing it needs the base weight's norms, which the merged "
+                "checkpoint does not hold",
+                path=edit.adapter.ref,
+                fix="pass --base BASE",
+            )
+        return merged / self._factor(edit, base, delta, ctx) - delta
+
+
+class LoraEdit(AdditiveEdit):
+    """W + w * delta, where w is the user's `ADAPTER@w` multiplier (1 by default); with a variant (DoRA), the
+    variant decides how the same delta is merged."""
+
+    def __init__(self, adapter: Adapter, target: str, factors: LoraFactors, variant: LoraVariant | None = None) -> None:
+        keys = [factors.a_key, factors.b_key, *(variant.adapter_keys() if variant else [])]
+        super().__init__(
+            adapter,
+            target,
+            keys,
+            f"r={factors.rank} scale={factors.scaling:g}",
+            rank=factors.rank,
+            scale=factors.scaling,
+        )
+        self.factors = factors
+        self.variant = variant
+        self.kind = variant.name if variant else "lora"
 
     def expected_shape(self) -> Shape:
         a = self.adapter.weights.shape(self.factors.a_key)
@@ -72,6 +155,21 @@ class LoraEdit(TensorEdit):
         if self.factors.layout == "conv":
             return (b[0], *a[1:])
         return (a[1], b[0]) if self.factors.fan_in_fan_out else (b[0], a[1])
+
+    def low_rank(self) -> LowRank | None:
+        factors = self.factors
+        if factors.layout == "conv":
+            return None
+        transposed = factors.layout == "embedding" or factors.fan_in_fan_out
+        scale = factors.scaling * self.adapter.weight
+        return LowRank(factors.a_key, factors.b_key, factors.rank, scale, transposed)
+
+    @property
+    def form(self) -> EditForm:
+        form = super().form
+        if self.variant is None:
+            return form
+        return dataclasses.replace(form, kind="transform", revert_needs_base=self.variant.revert_needs_base)
 
     def check(self, shape: Shape) -> str | None:
         expected = self.expected_shape()
@@ -86,107 +184,44 @@ class LoraEdit(TensorEdit):
             fits = tuple(shape) == expected
         return None if fits else f"{self.target}: delta {expected} vs base {tuple(shape)}"
 
-    def delta(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        return self.additive_delta(tuple(weight.shape), ctx)
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+        return lora_delta(self.factors, ctx, shape)
 
-    def additive_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor | None:
-        delta = lora_delta(self.factors, ctx, shape)
+    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+        delta = self.peft_delta(shape, ctx)
+        # In place: `lora_delta` gives a fresh (or scratch) tensor of this edit's own.
         return delta if self.adapter.weight == 1.0 else delta.mul_(self.adapter.weight)
 
     def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        return weight.add_(self.delta(weight, ctx))
+        if self.variant is None:
+            return super().apply(weight, ctx)
+        return self.variant.merge(self, weight, self.delta(tuple(weight.shape), ctx), ctx)
 
     def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
-        return merged.sub_(self.delta(merged, ctx))
-
-    def describe(self) -> str:
-        return f"lora r={self.factors.rank} scale={self.factors.scaling:g}"
-
-
-class DoraEdit(LoraEdit):
-    """DoRA: m / ||W + delta|| * (W + delta), the norm taken over each output (or, for embeddings, input) unit."""
-
-    kind = "dora"
-
-    def __init__(self, adapter: Adapter, target: str, factors: LoraFactors, magnitude_key: str) -> None:
-        super().__init__(adapter, target, factors)
-        self.magnitude_key = magnitude_key
-
-    def adapter_keys(self) -> list[str]:
-        return [*super().adapter_keys(), self.magnitude_key]
-
-    def additive_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor | None:
-        return None  # the magnitude rescales W + delta: not a plain sum
-
-    def delta(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        return LoraEdit.additive_delta(self, tuple(weight.shape), ctx)
-
-    def _factor(self, base: torch.Tensor, delta: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        magnitude = ctx.load(self.magnitude_key)
-        if self.factors.layout == "conv":
-            # `DoraConv2dLayer.get_weight_norm`: one norm per output channel.
-            norm = (base + delta).norm(p=2, dim=tuple(range(1, base.dim())), keepdim=True).transpose(1, 0)
-            return (magnitude / norm).view(-1, *([1] * (base.dim() - 1)))
-        # `DoraLinearLayer.get_weight_norm`: transpose for Conv1D-style and embedding weights, then row norms.
-        transposed = self.factors.fan_in_fan_out or self.factors.layout == "embedding"
-        combined = (base + delta).T if transposed else base + delta
-        norm = torch.linalg.norm(combined, dim=1).to(combined.dtype)
-        factor = magnitude / norm
-        return factor.view(1, -1) if transposed else factor.view(-1, 1)
-
-    def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        delta = self.delta(weight, ctx)
-        return self._factor(weight, delta, ctx) * (weight + delta)
-
-    def needs_base_to_revert(self) -> bool:
-        return True
-
-    def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
-        from lora_cli.errors import NotRevertibleError
-
-        if base is None:
-            raise NotRevertibleError(
-                f"{self.target} is a DoRA merge; undoing it needs the base weight's norms, which the merged "
-                "checkpoint does not hold",
-                path=self.adapter.ref,
-                fix="pass --base BASE",
-            )
-        delta = self.delta(base, ctx)
-        return merged / self._factor(base, delta, ctx) - delta
-
-    def describe(self) -> str:
-        return f"dora r={self.factors.rank} scale={self.factors.scaling:g}"
+        if self.variant is None:
+            return super().revert(merged, ctx, base)
+        delta = self.delta(tuple(merged.shape), ctx)
+        return self.variant.unmerge(self, merged, delta, ctx, base)
 
 
-class LoraBiasEdit(TensorEdit):
+class LoraBiasEdit(AdditiveEdit):
     """`lora_bias=True`: the bias gains lora_B's bias times the scaling."""
 
     kind = "lora_bias"
 
     def __init__(self, adapter: Adapter, target: str, key: str, scaling: float) -> None:
-        super().__init__(adapter, target)
+        super().__init__(adapter, target, [key], scale=scaling)
         self.key = key
-        self.scaling = scaling
 
-    def adapter_keys(self) -> list[str]:
-        return [self.key]
+    def expected_shape(self) -> Shape:
+        return tuple(self.adapter.weights.shape(self.key))
 
     def check(self, shape: Shape) -> str | None:
-        own = self.adapter.weights.shape(self.key)
-        return None if own == shape else f"{self.target}: lora bias {own} vs base {tuple(shape)}"
+        own = self.expected_shape()
+        return None if own == tuple(shape) else f"{self.target}: lora bias {own} vs base {tuple(shape)}"
 
-    def delta(self, ctx: EditContext) -> torch.Tensor:
-        delta = ctx.load(self.key) * self.scaling
-        return delta if self.adapter.weight == 1.0 else delta * self.adapter.weight
-
-    def additive_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor | None:
-        return self.delta(ctx)
-
-    def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        return weight + self.delta(ctx)
-
-    def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
-        return merged - self.delta(ctx)
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+        return ctx.load(self.key) * self.scale
 
 
 def lora_scaling(adapter: Adapter, module_path: str, rank: int) -> float:
@@ -208,11 +243,7 @@ def lora_scaling(adapter: Adapter, module_path: str, rank: int) -> float:
             fix="set it in adapter_config.json to the value the adapter was trained with, or re-save the adapter",
         )
     if pattern_rank != rank:
-        raise InputError(
-            f"{module_path}: config gives r={pattern_rank} but its lora_A has rank {rank}",
-            path=config_path,
-            fix="the config and the weights do not belong together; re-save the adapter",
-        )
+        raise mismatched_rank(adapter, module_path, pattern_rank, "lora_A", rank)
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
@@ -237,29 +268,20 @@ def _factors(adapter: Adapter, module: AdapterModule) -> tuple[LoraFactors, str]
     return factors, f"{module.path}.weight"
 
 
-@register
 class Lora(AdapterKind):
     peft_type = "LORA"
     param_roots = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            found = _factors(adapter, module)
-            if found is None:
-                raise InputError(
-                    f"{module.path} has {sorted(module.params)} but not both LoRA factors",
-                    path=adapter.weights.path,
-                    fix="the adapter file is incomplete; re-save it",
-                )
-            factors, target = found
-            magnitude = module.params.get("lora_magnitude_vector") or module.params.get("lora_magnitude_vector.weight")
-            if magnitude is not None:
-                edits.append(DoraEdit(adapter, target, factors, magnitude))
-            else:
-                edits.append(LoraEdit(adapter, target, factors))
-            if "lora_B.bias" in module.params:
-                edits.append(
-                    LoraBiasEdit(adapter, f"{module.path}.bias", module.params["lora_B.bias"], factors.scaling)
-                )
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        found = _factors(adapter, module)
+        if found is None:
+            raise missing_params(adapter, module.path, list(module.params), "both LoRA factors")
+        factors, target = found
+        magnitude = module.params.get("lora_magnitude_vector") or module.params.get("lora_magnitude_vector.weight")
+        variant = DoraVariant(magnitude) if magnitude is not None else None
+        edits: list[TensorEdit] = [LoraEdit(adapter, target, factors, variant)]
+        if "lora_B.bias" in module.params:
+            edits.append(LoraBiasEdit(adapter, f"{module.path}.bias", module.params["lora_B.bias"], factors.scaling))
         return edits

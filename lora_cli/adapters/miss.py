@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, refuse_weight, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import refuse_weight, require
 
 
 class MissEdit(AdditiveEdit):
@@ -32,7 +33,7 @@ class MissEdit(AdditiveEdit):
             return None
         return f"{self.target}: MiSS block {(rank, width)} vs base {tuple(shape)}"
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         block = ctx.load(self.key)
         out, into = shape
         block = block.repeat(1, out // block.shape[1])  # `mini`: tile the narrow block along the outputs
@@ -77,18 +78,21 @@ class MissBatEdit(TensorEdit):
         return restored.permute(1, 2, 0, 3).reshape(merged.shape)
 
 
-@register
 class Miss(AdapterKind):
     peft_type = "MISS"
     param_roots = frozenset({"miss_block"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        bat = adapter.config.get("init_weights") == "bat"
-        if bat:
+    def check_adapter(self, adapter: Adapter) -> None:
+        if _is_bat(adapter):
             refuse_weight(adapter, "MiSS", "MiSS bat multiplies the base blocks")
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            (key,) = require(adapter, module, "miss_block")
-            edit_type = MissBatEdit if bat else MissEdit
-            edits.append(edit_type(adapter, f"{module.path}.weight", key))
-        return edits
+
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        (key,) = require(adapter, module, "miss_block")
+        edit_type = MissBatEdit if _is_bat(adapter) else MissEdit
+        return [edit_type(adapter, f"{module.path}.weight", key)]
+
+
+def _is_bat(adapter: Adapter) -> bool:
+    return adapter.config.get("init_weights") == "bat"

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import config_number, refuse_weight, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import config_number, refuse_weight, require
 from lora_cli.errors import UnsupportedAdapterError
 
 
@@ -112,19 +112,19 @@ class OftEdit(TensorEdit):
         return f"oft blocks={self.blocks_stored} block_size={self.block}"
 
 
-@register
 class Oft(AdapterKind):
     peft_type = "OFT"
     param_roots = frozenset({"oft_R", "oft_embedding_R"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+    def check_adapter(self, adapter: Adapter) -> None:
         refuse_weight(adapter, "OFT", "an OFT rotation has no delta to scale")
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            if module.has("oft_embedding_R.weight"):
-                raise UnsupportedAdapterError(
-                    f"{module.path}: OFT on embeddings is not supported", path=adapter.weights.path
-                )
-            (key,) = require(adapter, module, "oft_R.weight")
-            edits.append(OftEdit(adapter, f"{module.path}.weight", key))
-        return edits
+
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        if module.has("oft_embedding_R.weight"):
+            raise UnsupportedAdapterError(
+                f"{module.path}: OFT on embeddings is not supported", path=adapter.weights.path
+            )
+        (key,) = require(adapter, module, "oft_R.weight")
+        return [OftEdit(adapter, f"{module.path}.weight", key)]

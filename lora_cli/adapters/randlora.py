@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, config_number, missing_params
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
-from lora_cli.adapters.loading import SHARED_MODULE
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import config_number, missing_params
 from lora_cli.errors import UnsupportedAdapterError
 
 
@@ -27,7 +27,7 @@ class RandloraEdit(AdditiveEdit):
         self.fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
         rank, bases = adapter.weights.shape(params["randlora_lambda"])
         keys = [params[name] for name in ("randlora_A", "randlora_B", "randlora_lambda", "randlora_gamma")]
-        super().__init__(adapter, target, keys, f"r={rank} bases={bases} scale={scaling:g}")
+        super().__init__(adapter, target, keys, f"r={rank} bases={bases} scale={scaling:g}", scale=scaling)
 
     def check(self, shape: Shape) -> str | None:
         if len(shape) != 2:
@@ -38,7 +38,7 @@ class RandloraEdit(AdditiveEdit):
             return f"{self.target}: RandLoRA gamma {gamma} vs base {tuple(shape)}"
         return None
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         out, into = (shape[1], shape[0]) if self.fan_in_fan_out else shape
         lam, gamma = ctx.load(self.params["randlora_lambda"]), ctx.load(self.params["randlora_gamma"])
         bases = lam.shape[1]
@@ -53,28 +53,22 @@ class RandloraEdit(AdditiveEdit):
         return (update.T if self.fan_in_fan_out else update) * self.scaling
 
 
-@register
 class Randlora(AdapterKind):
     peft_type = "RANDLORA"
     param_roots = frozenset({"randlora_A", "randlora_B", "randlora_lambda", "randlora_gamma"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        shared_module = adapter.modules.get(SHARED_MODULE)
-        shared = dict(shared_module.params) if shared_module else {}
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        params = {**self.shared_params(adapter), **module.params}
+        if not ("randlora_lambda" in params and "randlora_gamma" in params):
+            raise missing_params(adapter, module.path, list(module.params), "randlora_lambda and randlora_gamma")
+        if not ("randlora_A" in params and "randlora_B" in params):
+            raise UnsupportedAdapterError(
+                "this RandLoRA adapter was saved without its random bases (save_projection=False)",
+                path=adapter.weights.path,
+                fix="re-save it with save_projection=True (the default)",
+            )
         alpha = config_number(adapter, "randlora_alpha", 640)
-        edits: list[TensorEdit] = []
-        for path, module in adapter.modules.items():
-            if path == SHARED_MODULE:
-                continue
-            params = {**shared, **module.params}
-            if not ("randlora_lambda" in params and "randlora_gamma" in params):
-                raise missing_params(adapter, path, list(module.params), "randlora_lambda and randlora_gamma")
-            if not ("randlora_A" in params and "randlora_B" in params):
-                raise UnsupportedAdapterError(
-                    "this RandLoRA adapter was saved without its random bases (save_projection=False)",
-                    path=adapter.weights.path,
-                    fix="re-save it with save_projection=True (the default)",
-                )
-            rank = adapter.weights.shape(params["randlora_lambda"])[0]
-            edits.append(RandloraEdit(adapter, f"{path}.weight", params, alpha / rank))
-        return edits
+        rank = adapter.weights.shape(params["randlora_lambda"])[0]
+        return [RandloraEdit(adapter, f"{module.path}.weight", params, alpha / rank)]

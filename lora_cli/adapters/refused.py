@@ -1,38 +1,34 @@
 """PEFT adapter types loractl refuses by name, with the reason `merge` gives (README lists them too)."""
 
-from lora_cli.adapters.base import REFUSED
-
 _PROMPT = "it learns virtual tokens or key/value prefixes fed to the model at run time; there is no weight to merge"
 _ROUTED = "it mixes adapters per input at run time; PEFT has no static merge for it either"
 _NOT_YET = "PEFT can merge it, but loractl does not implement its formula yet; merge it with PEFT's merge_and_unload"
 
-REFUSED.update(
-    {
-        "PROMPT_TUNING": _PROMPT,
-        "MULTITASK_PROMPT_TUNING": _PROMPT,
-        "P_TUNING": _PROMPT,
-        "PREFIX_TUNING": _PROMPT,
-        "ADAPTION_PROMPT": _PROMPT,
-        "CPT": _PROMPT,
-        "CARTRIDGE": _PROMPT,
-        "POLY": _ROUTED,
-        "XLORA": _ROUTED,
-        "LILY": "PEFT cannot merge it either (its merge raises NotImplementedError)",
-        "SHADOW": "PEFT cannot merge it either: its adaptation depends on the input",
-        "ADAMSS": _NOT_YET,
-        "BEFT": _NOT_YET,
-        "DEFT": _NOT_YET,
-        "FROD": _NOT_YET,
-        "GLORA": _NOT_YET,
-        "GRALORA": _NOT_YET,
-        "HIRA": _NOT_YET,
-        "OSF": _NOT_YET,
-        "PEANUT": _NOT_YET,
-        "PSOFT": _NOT_YET,
-        "SUPERTUNING": _NOT_YET,
-        "TINYLORA": _NOT_YET,
-        "TRAINABLE_TOKENS": _NOT_YET + " (LoRA's trainable_token_indices are supported)",
-        "UNILORA": _NOT_YET,
-        "WAVEFT": _NOT_YET,
-    }
-)
+REFUSED: dict[str, str] = {
+    "PROMPT_TUNING": _PROMPT,
+    "MULTITASK_PROMPT_TUNING": _PROMPT,
+    "P_TUNING": _PROMPT,
+    "PREFIX_TUNING": _PROMPT,
+    "ADAPTION_PROMPT": _PROMPT,
+    "CPT": _PROMPT,
+    "CARTRIDGE": _PROMPT,
+    "POLY": _ROUTED,
+    "XLORA": _ROUTED,
+    "LILY": "PEFT cannot merge it either (its merge raises NotImplementedError)",
+    "SHADOW": "PEFT cannot merge it either: its adaptation depends on the input",
+    "ADAMSS": _NOT_YET,
+    "BEFT": _NOT_YET,
+    "DEFT": _NOT_YET,
+    "FROD": _NOT_YET,
+    "GLORA": _NOT_YET,
+    "GRALORA": _NOT_YET,
+    "HIRA": _NOT_YET,
+    "OSF": _NOT_YET,
+    "PEANUT": _NOT_YET,
+    "PSOFT": _NOT_YET,
+    "SUPERTUNING": _NOT_YET,
+    "TINYLORA": _NOT_YET,
+    "TRAINABLE_TOKENS": _NOT_YET + " (LoRA's trainable_token_indices are supported)",
+    "UNILORA": _NOT_YET,
+    "WAVEFT": _NOT_YET,
+}

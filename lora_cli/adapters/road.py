@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import config_number, refuse_weight, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import config_number, refuse_weight, require
 from lora_cli.errors import InputError
 
 PARAMS_PER_UNIT = {"road_1": 0.5, "road_2": 1, "road_4": 2}
@@ -77,21 +77,28 @@ class RoadEdit(TensorEdit):
         return f"road {self.variant} group={self.group}"
 
 
-@register
 class Road(AdapterKind):
     peft_type = "ROAD"
     param_roots = frozenset({"road_theta", "road_alpha"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+    def check_adapter(self, adapter: Adapter) -> None:
         refuse_weight(adapter, "RoAd", "a RoAd rotation has no delta to scale")
-        variant = str(adapter.config.get("variant", "road_1"))
-        if variant not in PARAMS_PER_UNIT:
-            raise InputError(f"unknown RoAd variant {variant!r}", path=adapter.directory / "adapter_config.json")
+        if _variant(adapter) not in PARAMS_PER_UNIT:
+            raise InputError(
+                f"unknown RoAd variant {_variant(adapter)!r}", path=adapter.directory / "adapter_config.json"
+            )
+
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
         group = int(config_number(adapter, "group_size", 64))
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            theta, alpha = require(adapter, module, "road_theta", "road_alpha")
-            for name in ("weight", "bias"):
-                if name == "weight" or base_shape(f"{module.path}.bias") is not None:
-                    edits.append(RoadEdit(adapter, f"{module.path}.{name}", theta, alpha, variant, group))
-        return edits
+        theta, alpha = require(adapter, module, "road_theta", "road_alpha")
+        return [
+            RoadEdit(adapter, f"{module.path}.{name}", theta, alpha, _variant(adapter), group)
+            for name in ("weight", "bias")
+            if name == "weight" or base_shape(f"{module.path}.bias") is not None
+        ]
+
+
+def _variant(adapter: Adapter) -> str:
+    return str(adapter.config.get("variant", "road_1"))

@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import require
 
 
 class ShiraEdit(AdditiveEdit):
@@ -28,7 +29,7 @@ class ShiraEdit(AdditiveEdit):
             return None
         return f"{self.target}: SHiRA indices {indices} and values {weights} vs base {tuple(shape)}"
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         indices = ctx.load(self.index_key).long()
         if bool((indices[0] >= shape[0]).any() or (indices[1] >= shape[1]).any()):
             raise ValueError(f"{self.target}: SHiRA index past the base shape {tuple(shape)}")
@@ -36,14 +37,12 @@ class ShiraEdit(AdditiveEdit):
         return torch.sparse_coo_tensor(indices, values, tuple(shape)).to_dense()
 
 
-@register
 class Shira(AdapterKind):
     peft_type = "SHIRA"
     param_roots = frozenset({"shira_weight", "shira_indices"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            values, indices = require(adapter, module, "shira_weight", "shira_indices")
-            edits.append(ShiraEdit(adapter, f"{module.path}.weight", values, indices))
-        return edits
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        values, indices = require(adapter, module, "shira_weight", "shira_indices")
+        return [ShiraEdit(adapter, f"{module.path}.weight", values, indices)]

@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lora_cli.adapters.additive import AdditiveEdit, config_number, missing_params
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
-from lora_cli.adapters.loading import SHARED_MODULE
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import config_number, missing_params
 from lora_cli.errors import UnsupportedAdapterError
 
 BANK = "vblora_vector_bank"
@@ -43,7 +43,7 @@ class VbloraEdit(AdditiveEdit):
         out_tiles = self.adapter.weights.shape(self.b_key)[0]
         return in_tiles * length * out_tiles * length
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         logits_a, logits_b, bank = ctx.load(self.a_key), ctx.load(self.b_key), ctx.load(self.bank_key)
         a = mix(logits_a, bank, self.topk).reshape(logits_a.shape[0], -1)
         b = mix(logits_b, bank, self.topk).transpose(1, 2).reshape(-1, logits_b.shape[1])
@@ -51,29 +51,24 @@ class VbloraEdit(AdditiveEdit):
         return (delta.T if self.fan_in_fan_out else delta).reshape(shape)
 
 
-@register
 class Vblora(AdapterKind):
     peft_type = "VBLORA"
     param_roots = frozenset({"vblora_logits_A", "vblora_logits_B", BANK})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        shared_module = adapter.modules.get(SHARED_MODULE)
-        bank = shared_module.params.get(BANK) if shared_module else None
-        if adapter.config.get("save_only_topk_weights") or bank is None:
+    def check_adapter(self, adapter: Adapter) -> None:
+        if adapter.config.get("save_only_topk_weights") or BANK not in self.shared_params(adapter):
             raise UnsupportedAdapterError(
                 "this VB-LoRA adapter was saved with save_only_topk_weights (or without its vector bank)",
                 path=adapter.weights.path,
                 fix="re-save it with save_only_topk_weights=False",
             )
+
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        if not (module.has("vblora_logits_A") and module.has("vblora_logits_B")):
+            raise missing_params(adapter, module.path, list(module.params), "vblora_logits_A and vblora_logits_B")
+        bank = self.shared_params(adapter)[BANK]
         topk = int(config_number(adapter, "topk", 2))
-        edits: list[TensorEdit] = []
-        for path, module in adapter.modules.items():
-            if path == SHARED_MODULE:
-                continue
-            if not (module.has("vblora_logits_A") and module.has("vblora_logits_B")):
-                raise missing_params(adapter, path, list(module.params), "vblora_logits_A and vblora_logits_B")
-            params = module.params
-            edits.append(
-                VbloraEdit(adapter, f"{path}.weight", params["vblora_logits_A"], params["vblora_logits_B"], bank, topk)
-            )
-        return edits
+        logits_a, logits_b = module.params["vblora_logits_A"], module.params["vblora_logits_B"]
+        return [VbloraEdit(adapter, f"{module.path}.weight", logits_a, logits_b, bank, topk)]

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, missing_params
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
-from lora_cli.adapters.loading import SHARED_MODULE
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import missing_params
 from lora_cli.errors import UnsupportedAdapterError
 
 
@@ -55,7 +55,7 @@ class VeraEdit(AdditiveEdit):
         sliced_b = ctx.load(self.proj_b)[:out, :]
         return ctx.load(self.lambda_b).unsqueeze(-1), sliced_b, ctx.load(self.lambda_d).unsqueeze(-1), sliced_a
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         out, into = self._features(shape)
         lambda_b, sliced_b, lambda_d, sliced_a = self.factors(ctx, out, into)
         delta = (lambda_b * sliced_b) @ (lambda_d * sliced_a)
@@ -74,33 +74,30 @@ class PveraEdit(VeraEdit):
         return lambda_b, sliced_b, lambda_d[: lambda_d.size(0) // 2, :], sliced_a[: sliced_a.size(0) // 2, :]
 
 
-@register
 class Vera(AdapterKind):
     peft_type = "VERA"
     param_roots = frozenset({"vera_lambda_b", "vera_lambda_d", "vera_A", "vera_B"})
     edit_type: type[VeraEdit] = VeraEdit
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+    def check_adapter(self, adapter: Adapter) -> None:
         prefix = self.edit_type.prefix
-        shared_module = adapter.modules.get(SHARED_MODULE)
-        shared = dict(shared_module.params) if shared_module else {}
+        shared = self.shared_params(adapter)
         if f"{prefix}_A" not in shared or f"{prefix}_B" not in shared:
             raise UnsupportedAdapterError(
                 f"this {self.peft_type} adapter was saved without its projections (save_projection=False)",
                 path=adapter.weights.path,
                 fix="re-save it with save_projection=True (the default)",
             )
-        edits: list[TensorEdit] = []
-        for path, module in adapter.modules.items():
-            if path == SHARED_MODULE:
-                continue
-            if not (module.has(f"{prefix}_lambda_b") and module.has(f"{prefix}_lambda_d")):
-                raise missing_params(adapter, path, list(module.params), f"{prefix}_lambda_b and {prefix}_lambda_d")
-            edits.append(self.edit_type(adapter, f"{path}.weight", module.params, shared))
-        return edits
+
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        prefix = self.edit_type.prefix
+        if not (module.has(f"{prefix}_lambda_b") and module.has(f"{prefix}_lambda_d")):
+            raise missing_params(adapter, module.path, list(module.params), f"{prefix}_lambda_b and {prefix}_lambda_d")
+        return [self.edit_type(adapter, f"{module.path}.weight", module.params, self.shared_params(adapter))]
 
 
-@register
 class Pvera(Vera):
     peft_type = "PVERA"
     param_roots = frozenset({"pvera_lambda_b", "pvera_lambda_d", "pvera_A", "pvera_B"})
