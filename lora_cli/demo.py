@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from lora_cli.engine import Progress, WriteOptions, WriteSummary
-from lora_cli.merge import AdapterSpec, local_source, merge
+from lora_cli.merge import merge
+from lora_cli.sources import AdapterSpec, local_source
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, ALPHA = 8, 16

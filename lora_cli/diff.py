@@ -18,20 +18,19 @@ import torch
 from lora_cli.adapters.base import Workspace
 from lora_cli.checkpoint_files import read_provenance
 from lora_cli.components import COMPONENTS, GROUPS, classify
-from lora_cli.engine import apply_edits, pick_device
+from lora_cli.device import exact_device
+from lora_cli.engine import apply_edits
 from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
 from lora_cli.io.safetensors_file import TensorInfo, read_tensor
 from lora_cli.memstats import MemoryMonitor
-from lora_cli.merge import AdapterSpec, load_adapters
-from lora_cli.numerics import ulp_at, ulps
-from lora_cli.plan import PlannedTensor, build_plan
+from lora_cli.numerics import CHUNK, coarser, ulp_at, ulps, work_dtype
+from lora_cli.plan import PlannedTensor
 from lora_cli.resolve import ResolvedSource
+from lora_cli.sources import AdapterSpec, prepare
 from lora_cli.stream import Pipeline
 
 STATUSES = ("changed", "identical", "only_in_a", "only_in_b", "shape_mismatch", "dtype_mismatch")
 DIFFERING = frozenset(STATUSES) - {"identical"}
-# Elements compared per step: bounds the fp32/fp64 temporaries to a few tens of MiB whatever the tensor size.
-CHUNK = 1 << 20
 # Exact singular values below this many rows or columns; a randomized estimate above.
 EXACT_SVD_MAX = 64
 # Singular values below RANK_RTOL * the largest are taken as numerical noise of the SVD itself.
@@ -148,19 +147,6 @@ class DiffOptions:
     rank: bool = False
     max_ulps: float = DEFAULT_MAX_ULPS
     device: str = "cpu"
-
-
-def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """fp32, or fp64 when either side is fp64 (or an integer type that fp32 cannot hold exactly)."""
-    wide = (torch.float64, torch.int64, torch.int32)
-    return torch.float64 if any(d in wide for d in dtypes) else torch.float32
-
-
-def coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype | None:
-    """The less precise of two float dtypes (both are compared at its precision), None if either is not float."""
-    if not (a.is_floating_point and b.is_floating_point):
-        return None
-    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
 
 
 @dataclass
@@ -363,18 +349,18 @@ def diff(
 ) -> DiffResult:
     """Compare checkpoints A and B tensor by tensor; with `adapters`, also check that B is A merged with them."""
     options = options or DiffOptions()
-    index_a, index_b = open_checkpoint(a.path), open_checkpoint(b.path)
     planned: dict[str, PlannedTensor] = {}
     if adapters:
-        plan = build_plan(index_a, load_adapters(adapters))
-        planned = {t.name: t for t in plan.tensors if t.edits}
+        prepared = prepare(a, adapters)
+        index_a = prepared.index
+        planned = {t.name: t for t in prepared.plan.tensors if t.edits}
+    else:
+        index_a = open_checkpoint(a.path)
+    index_b = open_checkpoint(b.path)
     names = list(index_a.tensors) + [n for n in index_b.tensors if n not in index_a.tensors]
     if on_start is not None:
         on_start(index_a.total_bytes + index_b.total_bytes)
-    device = pick_device(options.device)
-    if device.type == "cuda":
-        # As in write_plan: TF32 would round the factors' products differently from the CPU reference.
-        torch.backends.cuda.matmul.allow_tf32 = False
+    device = exact_device(options.device)  # as in write_plan: recompute exactly what the merge computed
     records: list[TensorDiff] = []
     workspace = Workspace()  # used by the compute thread only
     started = time.perf_counter()

@@ -15,7 +15,8 @@ import torch
 
 from lora_cli.adapters.base import EditContext, Workspace
 from lora_cli.checkpoint_files import copy_side_files, update_config, write_provenance
-from lora_cli.errors import InputError, NonFiniteError
+from lora_cli.device import exact_device
+from lora_cli.errors import NonFiniteError
 from lora_cli.host_buffers import BufferRing
 from lora_cli.io.atomic import atomic_directory, check_output
 from lora_cli.io.checkpoint import INDEX_FILE
@@ -83,19 +84,6 @@ class _CopyJob:
 class _ComputeJob:
     shard: int
     planned: PlannedTensor
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available", fix="use --device cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise InputError(f"unknown device {requested!r}", fix="use auto, cpu or cuda") from None
-    # With its index, so that it compares equal to the device of the tensors made on it ("cuda" != "cuda:0").
-    return torch.device("cuda", torch.cuda.current_device()) if device == torch.device("cuda") else device
 
 
 def working_copy(
@@ -221,12 +209,7 @@ def write_plan(
 ) -> WriteSummary:
     """Write every planned tensor to OUT (atomically), transforming the edited ones on the chosen device."""
     out = Path(out).expanduser()
-    device = pick_device(options.device)
-    if device.type == "cuda":
-        # TF32 would round the factors' products differently from PEFT's fp32 reference.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.cuda.reset_peak_memory_stats(device)
+    device = exact_device(options.device)
     check_output(out, inputs, overwrite=options.overwrite, needed_bytes=plan.output_bytes)
 
     base = plan.base

@@ -8,6 +8,7 @@ Only one module's delta is ever in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 
 from lora_cli.adapters.base import Adapter, EditContext, EditForm, Shape, TensorEdit
 from lora_cli.adapters.common import shared_edits
-from lora_cli.adapters.loading import CONFIG_FILE, load_adapter
+from lora_cli.adapters.loading import CONFIG_FILE
 from lora_cli.adapters.registry import kind_for
 from lora_cli.checkpoint_files import read_provenance
 from lora_cli.components import COMPONENTS, classify
@@ -25,7 +26,8 @@ from lora_cli.errors import InputError
 from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
 from lora_cli.io.safetensors_file import read_tensor
 from lora_cli.plan import MergePlan, build_plan, working_dtype
-from lora_cli.resolve import resolve
+from lora_cli.resolve import ResolvedSource
+from lora_cli.sources import AdapterSpec, load_adapters, local_source, prepare
 
 # How `loractl inspect --help` and the README define the effective rank column.
 EFFECTIVE_RANK_HELP = (
@@ -141,22 +143,27 @@ class CheckpointReport:
 
 
 def inspect_ref(
-    ref: str, *, base: str | None = None, revision: str | None = None, base_revision: str | None = None
+    source: ResolvedSource | Path | str, *, base: ResolvedSource | Path | str | None = None
 ) -> AdapterReport | CheckpointReport:
-    """Describe `ref`: an adapter (folder or Hub id; tried first) or else a model checkpoint."""
-    try:
-        source = resolve(ref, role="adapter", revision=revision)
-    except InputError:
-        if Path(ref).expanduser().exists():
-            raise
-        source = resolve(ref, role="checkpoint", revision=revision)  # a Hub model repo rather than an adapter
+    """Describe `source`: an adapter (a folder with an adapter config) or else a model checkpoint.
+
+    Sources are resolved already (the CLI fetches Hub references); a path or string is a local folder.
+    """
+    source, base = _as_source(source), (None if base is None else _as_source(base))
     if not (source.path / CONFIG_FILE).exists():
         if base is not None:
-            raise InputError("is a model checkpoint, not an adapter; --base applies to adapters", path=ref)
-        return inspect_checkpoint(source.path, ref=ref)
-    adapter = load_adapter(source.path, ref=ref)
-    base_index = open_checkpoint(resolve(base, role="base", revision=base_revision).path) if base else None
-    return inspect_adapter(adapter, base_index, base_ref=base)
+            raise InputError("is a model checkpoint, not an adapter; --base applies to adapters", path=source.ref)
+        return inspect_checkpoint(source.path, ref=source.ref)
+    if base is None:
+        return _adapter_report(load_adapters([AdapterSpec(source)])[0])
+    prepared = prepare(base, [AdapterSpec(source)])
+    return _adapter_report(prepared.adapters[0], prepared.plan, base.ref)
+
+
+def _as_source(source: ResolvedSource | Path | str) -> ResolvedSource:
+    if isinstance(source, ResolvedSource):
+        return source
+    return dataclasses.replace(local_source(source), path=Path(source).expanduser().resolve())
 
 
 def inspect_adapter(
@@ -166,8 +173,11 @@ def inspect_adapter(
 
     Raises `AdapterMismatchError` (from `build_plan`) when the adapter does not fit `base`.
     """
+    return _adapter_report(adapter, build_plan(base, [adapter]) if base is not None else None, base_ref)
+
+
+def _adapter_report(adapter: Adapter, plan: MergePlan | None = None, base_ref: str | None = None) -> AdapterReport:
     config = adapter.config
-    plan = build_plan(base, [adapter]) if base is not None else None
     if plan is not None:
         modules = _stats_with_base(plan)
     else:
@@ -198,8 +208,8 @@ def inspect_adapter(
         dtypes=dict(dtypes),
         modules=modules,
     )
-    if plan is not None and base is not None:
-        report.fit = _fit(plan, adapter, base_ref or str(base.directory))
+    if plan is not None:
+        report.fit = _fit(plan, adapter, base_ref or str(plan.base.directory))
     return report
 
 

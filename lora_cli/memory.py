@@ -25,14 +25,14 @@ import psutil
 import torch
 
 from lora_cli.adapters.base import Adapter
-from lora_cli.engine import INPUT_BUFFERS, OUTPUT_BUFFERS, WriteOptions
-from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
+from lora_cli.engine import INPUT_BUFFERS, OUTPUT_BUFFERS, WriteOptions, apply_edits, write_plan
+from lora_cli.io.checkpoint import CheckpointIndex
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, is_float
 from lora_cli.memstats import MemoryMonitor, MemorySample, read_rss
-from lora_cli.merge import AdapterSpec, load_adapters, merge
 from lora_cli.peft_reference import PHASE_PREFIX, RESULT_PREFIX
 from lora_cli.plan import MergePlan, PlannedTensor, build_plan, working_dtype
 from lora_cli.resolve import ResolvedSource
+from lora_cli.sources import AdapterSpec, adapter_record, prepare, source_record
 
 # The engine reads into a ring of INPUT_BUFFERS host buffers, computes in reused buffers (`Workspace`) and writes
 # from a ring of OUTPUT_BUFFERS host buffers that the writer drains; each ring's buffers are the size of the
@@ -185,7 +185,12 @@ def predict(
     base: CheckpointIndex, adapters: list[Adapter], device: str = "cpu", baseline: int | None = None
 ) -> Prediction:
     """Predict both paths' peaks from the plan alone: nothing is loaded but headers and configs."""
-    plan = build_plan(base, adapters)
+    return predict_plan(build_plan(base, adapters), device, baseline)
+
+
+def predict_plan(plan: MergePlan, device: str = "cpu", baseline: int | None = None) -> Prediction:
+    """`predict` for a plan already built (by `sources.prepare`)."""
+    base, adapters = plan.base, plan.adapters
     cuda = device.startswith("cuda")  # a prediction for a GPU this machine may not have
     own_itemsize = SAFETENSORS_TO_TORCH[_dtype_of(base)].itemsize
     adapter_params = _adapter_params(adapters)
@@ -320,16 +325,27 @@ def _reset_peak_rss() -> bool:
 
 
 def measure_streaming(base: ResolvedSource, adapters: list[AdapterSpec], device: str = "cpu") -> Measurement:
-    """Run loractl's merge into a temporary folder (deleted after) while sampling this process's memory."""
+    """Run loractl's merge into a temporary folder (deleted after) while sampling this process's memory.
+
+    The merge is `merge()`'s own steps (prepare, then `write_plan` with `apply_edits`), with the phase switched
+    between them.
+    """
     exact = _reset_peak_rss()
     start_rss = _status_kib("VmRSS") if exact else None
     with tempfile.TemporaryDirectory(prefix="loractl-memory-") as tmp, MemoryMonitor(phase="load") as monitor:
         started = time.perf_counter()
-
-        def planned(plan: MergePlan) -> None:
-            monitor.phase = "merge+write"
-
-        summary = merge(base, adapters, Path(tmp) / "merged", WriteOptions(device=device), on_plan=planned)
+        options = WriteOptions(device=device)
+        prepared = prepare(base, adapters, dtype=options.dtype)
+        monitor.phase = "merge+write"
+        summary = write_plan(
+            prepared.plan,
+            Path(tmp) / "merged",
+            apply_edits,
+            options,
+            operation="merge",
+            record={"base": source_record(base), "adapters": [adapter_record(a) for a in prepared.adapters]},
+            inputs=[base.path, *(a.source.path for a in adapters)],
+        )
         monitor.phase = "done"
         seconds = time.perf_counter() - started
         kernel_peak = _status_kib("VmHWM") if exact else None
@@ -410,9 +426,9 @@ def memory_report(
     measure_reference_dtypes: tuple[str, ...] = (),
 ) -> MemoryReport:
     """Predict (always), then measure loractl's merge and the transformers + PEFT path when asked."""
-    index = open_checkpoint(base.path)
-    loaded = load_adapters(adapters)
-    prediction = predict(index, loaded, device)
+    prepared = prepare(base, adapters)
+    loaded = prepared.adapters
+    prediction = predict_plan(prepared.plan, device)
     report = MemoryReport(base=base.ref, adapters=[a.label for a in loaded], device=device, predicted=prediction)
     if measure:
         report.measured["streaming"] = measure_streaming(base, adapters, device)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+# Elements compared per step: bounds the fp32/fp64 temporaries to a few tens of MiB whatever the tensor size.
+CHUNK = 1 << 20
+
 
 def ulp_at(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The spacing of `dtype` at each |x| (normal range), in fp32 (fp64 for fp64): exact, as it is a power of two.
@@ -49,3 +52,16 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """fp32, or fp64 when either side is fp64 (or an integer type that fp32 cannot hold exactly)."""
+    wide = (torch.float64, torch.int64, torch.int32)
+    return torch.float64 if any(d in wide for d in dtypes) else torch.float32
+
+
+def coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype | None:
+    """The less precise of two float dtypes (both are compared at its precision), None if either is not float."""
+    if not (a.is_floating_point and b.is_floating_point):
+        return None
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b

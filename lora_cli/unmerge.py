@@ -21,16 +21,16 @@ import torch
 
 from lora_cli.adapters.base import EditContext, TensorEdit, Workspace
 from lora_cli.checkpoint_files import read_provenance
-from lora_cli.diff import CHUNK, coarser
-from lora_cli.engine import Progress, WriteOptions, WriteSummary, pick_device, working_copy, write_plan
+from lora_cli.device import pick_device
+from lora_cli.engine import Progress, WriteOptions, WriteSummary, working_copy, write_plan
 from lora_cli.errors import AdapterMismatchError, NotRevertibleError
 from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dtype_name
 from lora_cli.io.safetensors_file import TensorInfo, read_tensor
-from lora_cli.merge import AdapterSpec, adapter_record, load_adapters, source_record
-from lora_cli.numerics import ulps
-from lora_cli.plan import EMBEDDING_SUFFIXES, HEAD_NAMES, MergePlan, PlannedTensor, build_plan, is_tied, resolve_target
+from lora_cli.numerics import CHUNK, coarser, ulps
+from lora_cli.plan import EMBEDDING_SUFFIXES, HEAD_NAMES, MergePlan, PlannedTensor, is_tied, resolve_target
 from lora_cli.resolve import ResolvedSource
+from lora_cli.sources import AdapterSpec, adapter_record, prepare, source_record
 
 # A head and an embedding that each came back within 1 ulp of the same W differ by at most 2 ulps.
 RETIE_ULPS = 2.0
@@ -234,9 +234,8 @@ def unmerge(
 ) -> UnmergeSummary:
     """Revert `adapters` (given in the order they were merged) from `merged`, writing the result to `out`."""
     options = options or WriteOptions()
-    index = open_checkpoint(merged.path)
-    loaded = load_adapters(adapters)
-    plan = build_plan(index, loaded, dtype=options.dtype)
+    prepared = prepare(merged, adapters, dtype=options.dtype)
+    plan, loaded = prepared.plan, prepared.adapters
     _refold_tied(plan)
     base_index = open_checkpoint(base.path) if base is not None else None
     base_sources = _check_base_needs(plan, base_index)

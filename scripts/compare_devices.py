@@ -24,8 +24,9 @@ from synthetic import SHAPES, write_llama_checkpoint, write_lora_adapter
 from lora_cli.engine import WriteOptions
 from lora_cli.io.checkpoint import open_checkpoint
 from lora_cli.io.safetensors_file import read_tensor
-from lora_cli.merge import AdapterSpec, local_source, merge
+from lora_cli.merge import merge
 from lora_cli.numerics import max_ulps
+from lora_cli.sources import AdapterSpec, local_source
 
 
 def peft_merge(base: Path, adapter: Path, out: Path, device: str) -> None:

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from lora_cli.cli.app import app
 from lora_cli.components import classify
 from lora_cli.diff import DiffOptions, diff, difference_rank
-from lora_cli.merge import AdapterSpec, local_source, merge
+from lora_cli.merge import merge
+from lora_cli.sources import AdapterSpec, local_source
 from tests.builders import make_adapter, save_base, tiny_gpt2, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from lora_cli.engine import WriteOptions
 from lora_cli.host_buffers import BufferRing
 from lora_cli.io.safetensors_file import read_header, read_tensor
-from lora_cli.merge import AdapterSpec, local_source, merge
+from lora_cli.merge import merge
+from lora_cli.sources import AdapterSpec, local_source
 from tests.builders import load_merged, make_adapter, save_base, tiny_llama
 
 

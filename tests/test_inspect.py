@@ -22,7 +22,8 @@ from lora_cli.inspect import (
     factored_spectrum,
     inspect_ref,
 )
-from lora_cli.merge import AdapterSpec, local_source, merge
+from lora_cli.merge import merge
+from lora_cli.sources import AdapterSpec, local_source
 from tests.builders import make_adapter, peft_merged_state, save_base, tiny_llama
 
 runner = CliRunner()

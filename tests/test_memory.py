@@ -16,7 +16,7 @@ from lora_cli.cli.app import app
 from lora_cli.io.checkpoint import open_checkpoint
 from lora_cli.memory import measure_reference, measure_streaming, phase_peaks, predict, reference_available
 from lora_cli.memstats import MemorySample
-from lora_cli.merge import AdapterSpec, local_source
+from lora_cli.sources import AdapterSpec, local_source
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import synthetic  # the benchmark's streaming checkpoint writer, from scripts/

@@ -18,8 +18,9 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
 
-from lora_cli.merge import AdapterSpec, local_source, merge
+from lora_cli.merge import merge
 from lora_cli.numerics import max_ulps
+from lora_cli.sources import AdapterSpec, local_source
 from tests.builders import (
     load_merged,
     logits_of,

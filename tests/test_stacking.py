@@ -23,8 +23,9 @@ from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
 from lora_cli.errors import UnsupportedAdapterError
-from lora_cli.merge import AdapterSpec, local_source, merge
+from lora_cli.merge import merge
 from lora_cli.numerics import max_ulps
+from lora_cli.sources import AdapterSpec, local_source
 from tests.builders import load_merged, make_adapter, peft_merged_state, save_base, tiny_llama
 from tests.builders_types import LLAMA_LINEARS
 

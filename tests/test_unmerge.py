@@ -21,8 +21,9 @@ from typer.testing import CliRunner
 from lora_cli.cli.app import app
 from lora_cli.engine import WriteOptions
 from lora_cli.errors import NotRevertibleError
-from lora_cli.merge import AdapterSpec, local_source, merge
+from lora_cli.merge import merge
 from lora_cli.numerics import max_ulps
+from lora_cli.sources import AdapterSpec, local_source
 from lora_cli.unmerge import unmerge
 from tests.builders import make_adapter, save_base, tiny_llama
 

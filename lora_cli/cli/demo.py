@@ -9,10 +9,10 @@ from typing import Annotated
 
 import typer
 
+from lora_cli.cli._common import render_summary
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import DebugOpt, DeviceOpt, JsonOpt, QuietOpt
 from lora_cli.cli._output import Output
-from lora_cli.cli.merge import render_summary
 from lora_cli.engine import WriteOptions
 from lora_cli.errors import OutputError
 

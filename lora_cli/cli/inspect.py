@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,7 +11,9 @@ from rich.table import Table
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import AdapterRevisionOpt, DebugOpt, JsonOpt, QuietOpt, RevisionOpt
 from lora_cli.cli._output import Output, human_bytes
+from lora_cli.errors import InputError
 from lora_cli.inspect import EFFECTIVE_RANK_HELP, AdapterReport, CheckpointReport, inspect_ref
+from lora_cli.resolve import ResolvedSource, resolve
 
 INSPECT_EXAMPLES = """
 Examples:
@@ -23,6 +26,16 @@ Examples:
 
   loractl inspect ./merged                                      (a checkpoint: dtypes, shards, loractl provenance)
 """
+
+
+def _resolve_either(ref: str, revision: str | None) -> ResolvedSource:
+    """An adapter (folder or Hub id; tried first), or else a Hub model repo to describe as a checkpoint."""
+    try:
+        return resolve(ref, role="adapter", revision=revision)
+    except InputError:
+        if Path(ref).expanduser().exists():
+            raise
+        return resolve(ref, role="checkpoint", revision=revision)
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -150,7 +163,10 @@ def inspect_command(
     """
     output = Output(json_mode=json_output, quiet=quiet)
     with user_errors(debug):
-        report = inspect_ref(adapter, base=base, revision=revision, base_revision=base_revision)
+        report = inspect_ref(
+            _resolve_either(adapter, revision),
+            base=resolve(base, role="base", revision=base_revision) if base else None,
+        )
     output.json(report)
     if isinstance(report, AdapterReport):
         render_adapter(output, report)

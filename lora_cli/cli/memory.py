@@ -7,10 +7,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from lora_cli.cli._common import resolve_adapters
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import AdapterRevisionOpt, DebugOpt, JsonOpt, QuietOpt, RevisionOpt
 from lora_cli.cli._output import Output, human_bytes
-from lora_cli.cli.merge import resolve_adapters
 from lora_cli.errors import InputError
 from lora_cli.memory import MemoryReport, memory_report, reference_available
 from lora_cli.resolve import resolve

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from lora_cli.cli._common import check_dtype, parse_size, render_summary, resolve_adapters
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import (
     AdapterRevisionOpt,
@@ -22,7 +23,6 @@ from lora_cli.cli._options import (
     VerifyOpt,
 )
 from lora_cli.cli._output import Output
-from lora_cli.cli.merge import check_dtype, parse_size, render_summary, resolve_adapters
 from lora_cli.engine import WriteOptions
 from lora_cli.errors import InputError
 from lora_cli.resolve import resolve
