@@ -9,6 +9,8 @@ from pathlib import Path
 
 from lora_cli import __version__
 from lora_cli.io.checkpoint import INDEX_FILE, PICKLE_SUFFIXES
+from lora_cli.ties import KEY as TIE_KEY
+from lora_cli.ties import set_tied
 
 PROVENANCE_FILE = "loractl.json"
 SKIPPED_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES, ".msgpack", ".h5", ".gguf", ".onnx")
@@ -47,10 +49,8 @@ def update_config(
         target["vocab_size"] = vocab_size
         changes["vocab_size"] = vocab_size
     if tie is not None:
-        config["tie_word_embeddings"] = tie
-        if text is not None and "tie_word_embeddings" in text:
-            text["tie_word_embeddings"] = tie
-        changes["tie_word_embeddings"] = tie
+        set_tied(config, tie)
+        changes[TIE_KEY] = tie
     if changes:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return changes
