@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.io.checkpoint import INDEX_FILE, PICKLE_SUFFIXES
+from lora_cli.filenames import CONFIG, INDEX_FILE, PROVENANCE_FILE
+from lora_cli.io.checkpoint import PICKLE_SUFFIXES
 from lora_cli.ties import KEY as TIE_KEY
 from lora_cli.ties import set_tied
 
-PROVENANCE_FILE = "loractl.json"
 SKIPPED_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES, ".msgpack", ".h5", ".gguf", ".onnx")
 
 
@@ -33,7 +33,7 @@ def update_config(
     out: Path, *, dtype: str | None, vocab_size: int | None, tie: bool | None = None
 ) -> dict[str, object]:
     """Rewrite OUT/config.json where the merge changed the model (`tie`: set tie_word_embeddings); returns changes."""
-    path = out / "config.json"
+    path = out / CONFIG
     if not path.exists():
         return {}
     config = json.loads(path.read_text())

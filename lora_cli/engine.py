@@ -17,9 +17,9 @@ from lora_cli import ties
 from lora_cli.adapters.base import EditContext, Workspace
 from lora_cli.checkpoint_files import copy_side_files, update_config, write_provenance
 from lora_cli.errors import InputError, NonFiniteError
+from lora_cli.filenames import INDEX_FILE
 from lora_cli.host_buffers import INPUT_BUFFERS, OUTPUT_BUFFERS, PIPELINE_DEPTH, BufferRing
 from lora_cli.io.atomic import atomic_directory, check_output
-from lora_cli.io.checkpoint import INDEX_FILE
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dominant_dtype, dtype_name
 from lora_cli.io.safetensors_file import read_tensor
 from lora_cli.io.writer import ShardPlan, ShardWriter, plan_shards, write_index
