@@ -8,9 +8,11 @@ import shutil
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.io.checkpoint import INDEX_FILE, PICKLE_SUFFIXES
+from lora_cli.filenames import CONFIG, INDEX_FILE, PROVENANCE_FILE
+from lora_cli.io.checkpoint import PICKLE_SUFFIXES
+from lora_cli.ties import KEY as TIE_KEY
+from lora_cli.ties import set_tied
 
-PROVENANCE_FILE = "loractl.json"
 SKIPPED_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES, ".msgpack", ".h5", ".gguf", ".onnx")
 
 
@@ -31,7 +33,7 @@ def update_config(
     out: Path, *, dtype: str | None, vocab_size: int | None, tie: bool | None = None
 ) -> dict[str, object]:
     """Rewrite OUT/config.json where the merge changed the model (`tie`: set tie_word_embeddings); returns changes."""
-    path = out / "config.json"
+    path = out / CONFIG
     if not path.exists():
         return {}
     config = json.loads(path.read_text())
@@ -47,10 +49,8 @@ def update_config(
         target["vocab_size"] = vocab_size
         changes["vocab_size"] = vocab_size
     if tie is not None:
-        config["tie_word_embeddings"] = tie
-        if text is not None and "tie_word_embeddings" in text:
-            text["tie_word_embeddings"] = tie
-        changes["tie_word_embeddings"] = tie
+        set_tied(config, tie)
+        changes[TIE_KEY] = tie
     if changes:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return changes

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_cli.engine import Progress, WriteOptions, WriteSummary
+from lora_cli.filenames import ADAPTER_CONFIG, ADAPTER_SAFETENSORS
 from lora_cli.merge import merge
 from lora_cli.sources import AdapterSpec, local_source
 
@@ -63,7 +64,7 @@ def build_adapter(
             tensors[f"base_model.model.{name}.lora_A.weight"] = a
             tensors[f"base_model.model.{name}.lora_B.weight"] = b
     path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path / "adapter_model.safetensors")
+    save_file(tensors, path / ADAPTER_SAFETENSORS)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -76,7 +77,7 @@ def build_adapter(
         "use_dora": False,
         "bias": "none",
     }
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     return factors
 
 

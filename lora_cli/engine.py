@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
+from lora_cli import ties
 from lora_cli.adapters.base import EditContext, Workspace
 from lora_cli.checkpoint_files import copy_side_files, update_config, write_provenance
 from lora_cli.device import exact_device
 from lora_cli.errors import NonFiniteError
-from lora_cli.host_buffers import BufferRing
+from lora_cli.filenames import INDEX_FILE
+from lora_cli.host_buffers import INPUT_BUFFERS, OUTPUT_BUFFERS, PIPELINE_DEPTH, BufferRing
 from lora_cli.io.atomic import atomic_directory, check_output
-from lora_cli.io.checkpoint import INDEX_FILE
-from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dtype_name
+from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dominant_dtype, dtype_name
 from lora_cli.io.safetensors_file import read_tensor
 from lora_cli.io.writer import ShardPlan, ShardWriter, plan_shards, write_index
 from lora_cli.memstats import MemoryMonitor
@@ -108,12 +109,13 @@ def upload(tensor: torch.Tensor, device: torch.device, workspace: Workspace) -> 
 # least time in 0.5-2 M-element chunks on 2 cores (0.8 s; 1.1 s in 256 K, 1.6-1.9 s in 4 M) and 4 M on 16 (0.5 s);
 # hence at least 1 M elements, and 256 K more per thread beyond four.
 FUSED_CHUNK_ELEMENTS_PER_THREAD = 1 << 18
-# The pipeline's read-ahead; with it, how many raw inputs and outputs can be alive at once. While tensor k is
-# computed, k+1 may be read (`depth` ahead), k-1 waits in the writer's queue and k-2 may still be being written
-# (k-3 was written before k-1 could be queued).
-PIPELINE_DEPTH = 1
-INPUT_BUFFERS = PIPELINE_DEPTH + 1
-OUTPUT_BUFFERS = PIPELINE_DEPTH + 2
+# Working-size tensors alive per edited tensor, beside the rings (`host_buffers.py`); `memory.py` predicts with
+# these. On the CPU, a chain of additive edits (`additive_delta`) is fused: each edit's delta is one working-size
+# tensor and W + delta is formed chunk by chunk straight into the output buffer. Elsewhere (on a GPU, or when the
+# output's shape differs) additive edits are added in place to a working copy of W; any other chain runs on a
+# working copy of W, plus the edit's delta and one temporary.
+ADDITIVE_WORK_COPIES = 2
+UNFUSED_WORK_COPIES = 3
 
 
 def apply_edits(
@@ -196,6 +198,107 @@ def _jobs(shards: list[ShardPlan], by_name: dict[str, PlannedTensor]) -> list[_C
     return jobs
 
 
+class _ComputeStep:
+    """The pipeline's read and compute stages: an edited tensor from its bytes to its output, in reused buffers.
+
+    A copy job passes through both stages untouched; the writer copies its bytes.
+    """
+
+    def __init__(
+        self, transform: Transform, device: torch.device, options: WriteOptions, jobs: list[_CopyJob | _ComputeJob]
+    ) -> None:
+        self.transform, self.device, self.options = transform, device, options
+        self.workspace = Workspace()
+        computed = [job.planned for job in jobs if isinstance(job, _ComputeJob)]
+        # Reused host buffers; page-locked for a GPU, so that uploads and downloads run at the bus's speed.
+        pinned = device.type == "cuda"
+        self.inputs = BufferRing(INPUT_BUFFERS, max((p.source.nbytes for p in computed), default=0), pinned)
+        self.outputs = BufferRing(OUTPUT_BUFFERS, max((p.output.nbytes for p in computed), default=0), pinned)
+
+    def load(self, job: _CopyJob | _ComputeJob) -> torch.Tensor | None:
+        if isinstance(job, _CopyJob):
+            return None
+        return read_tensor(job.planned.source, into=self.inputs.next(job.planned.source.nbytes))
+
+    def compute(self, job: _CopyJob | _ComputeJob, raw: torch.Tensor | None) -> torch.Tensor | None:
+        if isinstance(job, _CopyJob):
+            return None
+        planned = job.planned
+        dtype = SAFETENSORS_TO_TORCH[planned.output.dtype]
+        staged = self.outputs.take(planned.output.shape, dtype)
+        if not planned.edits:
+            return staged.copy_(raw)  # a dtype conversion; a copy, as `raw` goes back to the reader
+        # On a GPU, the result is formed in a device buffer and downloaded into the host ring.
+        device = self.device
+        output = staged if device.type == "cpu" else self.workspace.take("output", planned.output.shape, dtype, device)
+        result = self.transform(planned, raw, device, self.workspace, output)
+        if result is not output:
+            output.copy_(result)  # the one rounding to the output dtype
+        if self.options.check_finite and not all_finite(output):
+            culprits = ", ".join(sorted({e.adapter.label for e in planned.edits}))
+            raise NonFiniteError(
+                f"merged tensor {planned.name} holds NaN or Inf",
+                path=culprits,
+                fix="the adapter is broken for this base (or overflows the output dtype; try --dtype float32)",
+            )
+        return staged if output is staged else staged.copy_(output)
+
+    def close(self) -> None:
+        self.inputs.close()
+        self.outputs.close()
+
+
+class _ShardSink:
+    """The pipeline's write stage: one `ShardWriter` per output shard, in order.
+
+    A finished shard is synced in the background: the pipeline goes on with the next one meanwhile.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        shards: list[ShardPlan],
+        metadata: dict[str, str],
+        digests: TensorDigests | None,
+        progress: Progress | None,
+    ) -> None:
+        self.directory, self.shards, self.metadata = directory, shards, metadata
+        self.digests, self.progress = digests, progress
+        self.writers: list[ShardWriter] = []
+        self.flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loractl-fsync")
+        self.closing: list[Future[None]] = []
+
+    def write(self, job: _CopyJob | _ComputeJob, result: torch.Tensor | None) -> None:
+        writers = self.writers
+        if len(writers) <= job.shard:
+            if writers:
+                self.closing.append(self.flusher.submit(writers[-1].close))
+            shard = self.shards[job.shard]
+            writers.append(ShardWriter(self.directory / shard.filename, shard, self.metadata, self.digests))
+        writer = writers[-1]
+        if isinstance(job, _CopyJob):
+            written = writer.copy_tensors(job.names, job.source, job.offset, job.nbytes)
+        else:
+            written = writer.write_tensor(job.planned.name, result)
+        if self.progress is not None:
+            self.progress(written)
+
+    def finish(self) -> None:
+        """Close the last shard and wait until every shard is synced."""
+        if self.writers:
+            self.closing.append(self.flusher.submit(self.writers[-1].close))
+        for done in self.closing:
+            done.result()
+
+    def abort(self) -> None:
+        wait(self.closing)  # a shard being synced is closed by its own task, never twice
+        for writer in self.writers:
+            writer.abort()
+
+    def shutdown(self) -> None:
+        self.flusher.shutdown(wait=True)
+
+
 def write_plan(
     plan: MergePlan,
     out: Path,
@@ -212,93 +315,26 @@ def write_plan(
     device = exact_device(options.device)
     check_output(out, inputs, overwrite=options.overwrite, needed_bytes=plan.output_bytes)
 
-    base = plan.base
     source_names = [t.source.file.name for t in plan.tensors]
     shards = plan_shards([t.output for t in plan.tensors], source_names, options.max_shard_bytes)
-    by_name = {t.name: t for t in plan.tensors}
-    jobs = _jobs(shards, by_name)
-    metadata = {"format": "pt", "loractl": operation}
+    jobs = _jobs(shards, {t.name: t for t in plan.tensors})
     started = time.perf_counter()
-    workspace = Workspace()
-    computed = [job.planned for job in jobs if isinstance(job, _ComputeJob)]
-    # Reused host buffers; page-locked for a GPU, so that uploads and downloads run at the bus's speed.
-    pinned = device.type == "cuda"
-    inputs = BufferRing(INPUT_BUFFERS, max((p.source.nbytes for p in computed), default=0), pinned)
-    outputs = BufferRing(OUTPUT_BUFFERS, max((p.output.nbytes for p in computed), default=0), pinned)
-
-    def load(job: _CopyJob | _ComputeJob) -> torch.Tensor | None:
-        if isinstance(job, _CopyJob):
-            return None
-        return read_tensor(job.planned.source, into=inputs.next(job.planned.source.nbytes))
-
-    def compute(job: _CopyJob | _ComputeJob, raw: torch.Tensor | None) -> torch.Tensor | None:
-        if isinstance(job, _CopyJob):
-            return None
-        planned = job.planned
-        dtype = SAFETENSORS_TO_TORCH[planned.output.dtype]
-        staged = outputs.take(planned.output.shape, dtype)
-        if not planned.edits:
-            return staged.copy_(raw)  # a dtype conversion; a copy, as `raw` goes back to the reader
-        # On a GPU, the result is formed in a device buffer and downloaded into the host ring.
-        output = staged if device.type == "cpu" else workspace.take("output", planned.output.shape, dtype, device)
-        result = transform(planned, raw, device, workspace, output)
-        if result is not output:
-            output.copy_(result)  # the one rounding to the output dtype
-        if options.check_finite and not all_finite(output):
-            culprits = ", ".join(sorted({e.adapter.label for e in planned.edits}))
-            raise NonFiniteError(
-                f"merged tensor {planned.name} holds NaN or Inf",
-                path=culprits,
-                fix="the adapter is broken for this base (or overflows the output dtype; try --dtype float32)",
-            )
-        return staged if output is staged else staged.copy_(output)
-
+    step = _ComputeStep(transform, device, options, jobs)
     digests = TensorDigests() if options.verify else None
     with MemoryMonitor(keep_timeline=False) as memory, atomic_directory(out, overwrite=options.overwrite) as tmp:
         memory.phase = "write"
-        writers: list[ShardWriter] = []
-        # A finished shard is synced in the background: the pipeline goes on with the next one meanwhile.
-        flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loractl-fsync")
-        closing: list[Future[None]] = []
-
-        def sink(job: _CopyJob | _ComputeJob, result: torch.Tensor | None) -> None:
-            if len(writers) <= job.shard:
-                if writers:
-                    closing.append(flusher.submit(writers[-1].close))
-                shard = shards[job.shard]
-                writers.append(ShardWriter(tmp / shard.filename, shard, metadata, digests))
-            writer = writers[-1]
-            if isinstance(job, _CopyJob):
-                written = writer.copy_tensors(job.names, job.source, job.offset, job.nbytes)
-            else:
-                written = writer.write_tensor(job.planned.name, result)
-            if progress is not None:
-                progress(written)
-
-        pipeline = Pipeline(load, compute, sink, depth=PIPELINE_DEPTH)
+        sink = _ShardSink(tmp, shards, {"format": "pt", "loractl": operation}, digests, progress)
+        pipeline = Pipeline(step.load, step.compute, sink.write, depth=PIPELINE_DEPTH)
         try:
             pipeline.run(jobs)
-            if writers:
-                closing.append(flusher.submit(writers[-1].close))
-            for done in closing:
-                done.result()
+            sink.finish()
         except BaseException:
-            wait(closing)  # a shard being synced is closed by its own task, never twice
-            for writer in writers:
-                writer.abort()
+            sink.abort()
             raise
         finally:
-            flusher.shutdown(wait=True)
-            inputs.close()
-            outputs.close()
-        if len(shards) > 1 or (base.directory / INDEX_FILE).exists():
-            write_index(tmp, shards)
-        copy_side_files(base.directory, tmp)
-        new_dtype = None if options.dtype == "auto" else options.dtype
-        tie = False if plan.untied else True if plan.retied else None
-        config_changes = update_config(tmp, dtype=new_dtype, vocab_size=plan.vocab_size, tie=tie)
-        if plan.retied:
-            config_changes["dropped"] = list(plan.retied)
+            sink.shutdown()
+            step.close()
+        config_changes = _write_side_files(tmp, plan, shards, options)
         seconds = time.perf_counter() - started
         provenance = write_provenance(
             tmp,
@@ -338,12 +374,22 @@ def write_plan(
     )
 
 
+def _write_side_files(tmp: Path, plan: MergePlan, shards: list[ShardPlan], options: WriteOptions) -> dict[str, object]:
+    """Beside the shards: the index, the base's side files and its config, updated; returns the config changes."""
+    if len(shards) > 1 or (plan.base.directory / INDEX_FILE).exists():
+        write_index(tmp, shards)
+    copy_side_files(plan.base.directory, tmp)
+    new_dtype = None if options.dtype == "auto" else options.dtype
+    config_changes = update_config(tmp, dtype=new_dtype, vocab_size=plan.vocab_size, tie=ties.config_value(plan))
+    if plan.retied:
+        config_changes["dropped"] = list(plan.retied)
+    return config_changes
+
+
 def _planned_headers(shards: list[ShardPlan]) -> list[tuple[str, list[tuple[str, str, tuple[int, ...]]]]]:
     return [(s.filename, [(t.name, t.dtype, tuple(t.shape)) for t in s.tensors]) for s in shards]
 
 
 def _dominant_dtype(plan: MergePlan) -> str:
-    sizes: dict[str, int] = {}
-    for tensor in plan.tensors:
-        sizes[tensor.output.dtype] = sizes.get(tensor.output.dtype, 0) + tensor.output.nbytes
-    return dtype_name(SAFETENSORS_TO_TORCH[max(sizes, key=sizes.__getitem__)]) if sizes else "none"
+    found = dominant_dtype((t.output.dtype, t.output.nbytes) for t in plan.tensors)
+    return dtype_name(SAFETENSORS_TO_TORCH[found]) if found else "none"

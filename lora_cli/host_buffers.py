@@ -12,6 +12,13 @@ import contextlib
 
 import torch
 
+# The pipeline's read-ahead; with it, how many raw inputs and outputs can be alive at once, and so each ring's
+# size. While tensor k is computed, k+1 may be read (`depth` ahead), k-1 waits in the writer's queue and k-2 may
+# still be being written (k-3 was written before k-1 could be queued).
+PIPELINE_DEPTH = 1
+INPUT_BUFFERS = PIPELINE_DEPTH + 1
+OUTPUT_BUFFERS = PIPELINE_DEPTH + 2
+
 
 class BufferRing:
     """`count` byte buffers of `nbytes` each, handed out in turn; allocated on first use and kept.

@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from lora_cli.errors import InputError
-from lora_cli.resolve import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS, INDEX_FILE, ResolvedSource, Role
+from lora_cli.filenames import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS, INDEX_FILE
 
 # Configs and tokenizer files of a base; weights are chosen separately (see _fetch_model) so stray copies
 # such as Mistral's consolidated.safetensors are not downloaded. Pickles are never fetched for a base.
@@ -53,8 +53,11 @@ _LOGIN_FIX = "log in with `hf auth login` or set HF_TOKEN, and accept the model'
 _CACHE_WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def fetch(ref: str, role: Role, revision: str | None) -> ResolvedSource:
-    """A snapshot of just the files `role` needs from the Hub repo `ref`."""
+def fetch(ref: str, *, adapter: bool, revision: str | None) -> tuple[Path, str | None]:
+    """A snapshot of just the files an adapter (or a model) needs from the Hub repo `ref`: its folder and commit.
+
+    `resolve.resolve` makes the `ResolvedSource`; this module never imports it back.
+    """
     try:
         validate_repo_id(ref)
     except HFValidationError:
@@ -65,7 +68,7 @@ def fetch(ref: str, role: Role, revision: str | None) -> ResolvedSource:
         ) from None
 
     try:
-        folder = _fetch_adapter(ref, revision) if role == "adapter" else _fetch_model(ref, revision)
+        folder = _fetch_adapter(ref, revision) if adapter else _fetch_model(ref, revision)
     except InputError:
         raise
     except Exception as exc:
@@ -73,8 +76,7 @@ def fetch(ref: str, role: Role, revision: str | None) -> ResolvedSource:
         if mapped is None:
             raise
         raise mapped from exc
-    commit = folder.name if _COMMIT_RE.fullmatch(folder.name) else None
-    return ResolvedSource(ref=ref, path=folder, revision=revision, commit=commit, is_local=False)
+    return folder, folder.name if _COMMIT_RE.fullmatch(folder.name) else None
 
 
 def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:

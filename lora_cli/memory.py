@@ -25,9 +25,10 @@ import psutil
 import torch
 
 from lora_cli.adapters.base import Adapter
-from lora_cli.engine import INPUT_BUFFERS, OUTPUT_BUFFERS, WriteOptions, apply_edits, write_plan
+from lora_cli.engine import ADDITIVE_WORK_COPIES, UNFUSED_WORK_COPIES, WriteOptions, apply_edits, write_plan
+from lora_cli.host_buffers import INPUT_BUFFERS, OUTPUT_BUFFERS
 from lora_cli.io.checkpoint import CheckpointIndex
-from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, is_float
+from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dominant_dtype, is_float
 from lora_cli.memstats import MemoryMonitor, MemorySample, read_rss
 from lora_cli.peft_reference import PHASE_PREFIX, RESULT_PREFIX
 from lora_cli.plan import MergePlan, PlannedTensor, build_plan, working_dtype
@@ -36,12 +37,8 @@ from lora_cli.sources import AdapterSpec, adapter_record, prepare, source_record
 
 # The engine reads into a ring of INPUT_BUFFERS host buffers, computes in reused buffers (`Workspace`) and writes
 # from a ring of OUTPUT_BUFFERS host buffers that the writer drains; each ring's buffers are the size of the
-# largest edited tensor (`engine.write_plan`). On the CPU, a chain of additive edits (`edit.form`) is fused:
-# each edit's delta is one working-size tensor and W + delta is formed chunk by chunk straight into the output
-# buffer. Elsewhere (on a GPU, or when the output's shape differs) additive edits are added in place to a working
-# copy of W; any other chain runs on a working copy of W, plus the edit's delta and one temporary.
-ADDITIVE_WORK_COPIES = 2
-UNFUSED_WORK_COPIES = 3
+# largest edited tensor (`host_buffers.py`). The working copies per edited tensor are the engine's own
+# (`engine.ADDITIVE_WORK_COPIES`, `engine.UNFUSED_WORK_COPIES`); whether a chain is fused, each edit's `form` says.
 # A fresh python process with torch, transformers and peft imported, anonymous and file-backed (shared libraries)
 # together: measured 389 MiB with torch 2.13, transformers 5.23 and peft 0.21 (the reference runs in its own process,
 # so this process's size, which may hold anything, is not used for it).
@@ -117,10 +114,7 @@ class MemoryReport:
 
 def _dtype_of(index: CheckpointIndex) -> str:
     """The dtype most of the checkpoint's bytes are in (what `dtype="auto"` loads)."""
-    sizes: dict[str, int] = {}
-    for info in index.tensors.values():
-        sizes[info.dtype] = sizes.get(info.dtype, 0) + info.nbytes
-    return max(sizes, key=sizes.__getitem__) if sizes else "F32"
+    return dominant_dtype((info.dtype, info.nbytes) for info in index.tensors.values()) or "F32"
 
 
 def _model_bytes(index: CheckpointIndex, float_itemsize: int | None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import psutil
@@ -22,14 +23,20 @@ class MemorySample:
     phase: str
 
 
+def read_status(pid: int | None = None) -> tuple[int, int, int]:
+    """(RssAnon, RssFile, RssShmem) bytes of a process from /proc/PID/status; OSError, KeyError or ValueError
+    when it cannot be read (gone, or not Linux)."""
+    with open(f"/proc/{pid or 'self'}/status") as handle:
+        fields = dict(line.split(":", 1) for line in handle if line.startswith(("RssAnon", "RssFile", "RssShmem")))
+    anon = int(fields["RssAnon"].split()[0]) * 1024
+    return anon, int(fields["RssFile"].split()[0]) * 1024, int(fields.get("RssShmem", "0 kB").split()[0]) * 1024
+
+
 def read_rss(pid: int | None = None) -> tuple[int, int]:
     """(anonymous, file-backed) resident bytes of a process, from /proc; psutil's RSS split elsewhere."""
     try:
-        with open(f"/proc/{pid or 'self'}/status") as handle:
-            fields = dict(line.split(":", 1) for line in handle if line.startswith(("RssAnon", "RssFile", "RssShmem")))
-        anon = int(fields["RssAnon"].split()[0]) * 1024
-        file = int(fields["RssFile"].split()[0]) * 1024 + int(fields.get("RssShmem", "0 kB").split()[0]) * 1024
-        return anon, file
+        anon, file, shmem = read_status(pid)
+        return anon, file + shmem
     except (OSError, KeyError, ValueError):
         info = psutil.Process(pid or os.getpid()).memory_info()
         shared = getattr(info, "shared", 0)
@@ -79,3 +86,76 @@ class MemoryMonitor:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants alive now (from /proc/PID/stat: the field after the command name)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        children.setdefault(int(stat[stat.rfind(b")") + 2 :].split()[1]), []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+@dataclass
+class TreePeaks:
+    """Peaks of a process tree's summed RSS, each taken independently, plus the peak of their sum."""
+
+    anon: int = 0
+    file: int = 0
+    shmem: int = 0
+    total: int = 0
+    samples: int = 0
+
+
+class TreeSampler(threading.Thread):
+    """Samples the summed RSS of a process and its descendants every `interval` seconds until `stop()`.
+
+    A benchmark's view of a command run as a subprocess (which may start its own); rescanning /proc for new
+    descendants is the costly part, so it is done every `rescan_every` samples.
+    """
+
+    def __init__(self, root: int, interval: float = 0.02, rescan_every: int = 5) -> None:
+        super().__init__(daemon=True)
+        self.root, self.interval, self.rescan_every = root, interval, rescan_every
+        self.peaks = TreePeaks()
+        self._stop_event = threading.Event()
+
+    def sample(self, pids: Iterable[int]) -> None:
+        anon = file = shmem = 0
+        for pid in pids:
+            try:
+                a, f, m = read_status(pid)
+            except (OSError, KeyError, ValueError):
+                continue  # gone since the scan
+            anon, file, shmem = anon + a, file + f, shmem + m
+        p = self.peaks
+        p.anon, p.file, p.shmem = max(p.anon, anon), max(p.file, file), max(p.shmem, shmem)
+        p.total = max(p.total, anon + file + shmem)
+        p.samples += 1
+
+    def run(self) -> None:
+        pids = [self.root]
+        tick = 0
+        while not self._stop_event.is_set():
+            if tick % self.rescan_every == 0:
+                pids = process_tree(self.root)
+            self.sample(pids)
+            tick += 1
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> TreePeaks:
+        self._stop_event.set()
+        self.join()
+        return self.peaks

@@ -11,17 +11,15 @@ from dataclasses import dataclass, field
 import torch
 
 from lora_cli.adapters.base import Adapter, Shape, TensorEdit
-from lora_cli.adapters.common import FullTensorEdit, TokenRowsEdit, shared_edits
+from lora_cli.adapters.common import shared_edits
 from lora_cli.adapters.registry import kind_for
 from lora_cli.errors import AdapterMismatchError, InputError
 from lora_cli.io.checkpoint import CheckpointIndex
 from lora_cli.io.dtypes import NAMED_DTYPES, TORCH_TO_SAFETENSORS, is_float
 from lora_cli.io.safetensors_file import TensorInfo
 from lora_cli.io.writer import OutputTensor
+from lora_cli.ties import TiePolicy, attach_heads, is_embedding, is_head, is_tied
 
-# Names of input embeddings that an output head may be tied to, across common architectures.
-EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
-HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
 # transformers prefixes the backbone differently in task heads and bare models; adapters follow the head.
 PREFIXES = ("model.", "transformer.", "base_model.")
 
@@ -72,13 +70,6 @@ def resolve_target(name: str, names: set[str]) -> str | None:
     return None
 
 
-def is_tied(config: dict | None) -> bool:
-    if not config:
-        return False
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
-
-
 def output_dtype(info: TensorInfo, requested: str) -> str:
     """`auto` keeps each tensor's dtype; a named dtype converts floating tensors and leaves integer ones."""
     if requested == "auto" or not is_float(info.dtype):
@@ -100,8 +91,11 @@ def collect_edits(adapters: list[Adapter], base: CheckpointIndex) -> list[Tensor
     return edits
 
 
-def build_plan(base: CheckpointIndex, adapters: list[Adapter], *, dtype: str = "auto") -> MergePlan:
-    """Attach every edit to its base tensor, untie a tied head the adapters change, and check every shape."""
+def build_plan(
+    base: CheckpointIndex, adapters: list[Adapter], *, dtype: str = "auto", ties: TiePolicy = "untie"
+) -> MergePlan:
+    """Attach every edit to its base tensor, place a tied head's edits by the tie policy (`lora_cli.ties`), and
+    check every shape."""
     names = set(base.tensors)
     config = base.config()
     plan = MergePlan(base=base, adapters=adapters, tensors=[])
@@ -110,14 +104,14 @@ def build_plan(base: CheckpointIndex, adapters: list[Adapter], *, dtype: str = "
     edits = collect_edits(adapters, base)
     for edit in edits:
         target = resolve_target(edit.target, names)
-        if target is None and edit.target.endswith(HEAD_NAMES) and is_tied(config):
-            target = edit.target  # a tied head: `_untie_head` gives it a tensor of its own
+        if target is None and is_head(edit.target) and is_tied(config):
+            target = edit.target  # a tied head: `attach_heads` places its edits
         if target is None:
             missing.append(edit.target)
             continue
         by_target.setdefault(target, []).append(edit)
 
-    extra = _untie_head(plan, by_target, names, config, missing)
+    extra = attach_heads(plan, by_target, names, config, missing, ties)
     if missing:
         raise _mismatch(adapters, base, missing, "name tensors the base does not have")
 
@@ -135,50 +129,12 @@ def build_plan(base: CheckpointIndex, adapters: list[Adapter], *, dtype: str = "
             raise InputError(f"adapter targets {name}, a {info.dtype} tensor", path=info.file)
         out = OutputTensor(name, output_dtype(info, dtype), tuple(shape))
         plan.tensors.append(PlannedTensor(name, info, chain, out))
-        if chain and shape[0] != info.shape[0] and name.endswith((*EMBEDDING_SUFFIXES, *HEAD_NAMES)):
+        if chain and shape[0] != info.shape[0] and (is_embedding(name) or is_head(name)):
             plan.vocab_size = max(plan.vocab_size or 0, shape[0])
     if misfits:
         raise _mismatch(adapters, base, misfits, "do not fit the base's shapes")
     _order_extras(plan, extra)
     return plan
-
-
-def _ties_along(edit: TensorEdit) -> bool:
-    """Edits PEFT applies to a tied embedding and head alike: token rows, and the base copy of a resized vocab."""
-    return isinstance(edit, TokenRowsEdit) or (isinstance(edit, FullTensorEdit) and edit.origin == "base_layer")
-
-
-def _untie_head(
-    plan: MergePlan, by_target: dict[str, list[TensorEdit]], names: set[str], config: dict | None, missing: list[str]
-) -> dict[str, TensorInfo]:
-    """Give a tied head its own tensor when the adapters change the head or the embedding differently.
-
-    The unmerged model computes logits with the head's own weight (plus the head's LoRA, if any) and looks up
-    inputs with the embedding's; merging into the one shared tensor, as PEFT does, would change both. So the
-    head is written from the embedding's base with only the edits the two share, and the config is untied.
-    """
-    if not is_tied(config):
-        return {}
-    embedding = next((n for n in names if n.endswith(EMBEDDING_SUFFIXES)), None)
-    heads = [t for t in by_target if t not in names]
-    if embedding is None:
-        missing.extend(heads)
-        return {}
-    embedding_own = [e for e in by_target.get(embedding, []) if not _ties_along(e)]
-    if not heads and embedding_own and not any(h in names for h in HEAD_NAMES):
-        heads = [HEAD_NAMES[0]]
-    extra: dict[str, TensorInfo] = {}
-    for head in heads:
-        shared = [e for e in by_target.get(embedding, []) if _ties_along(e)]
-        by_target[head] = shared + by_target.get(head, [])
-        extra[head] = plan.base.tensors[embedding]
-        plan.untied.append(head)
-    if heads:
-        plan.warnings.append(
-            f"the adapter changes {embedding} or {', '.join(heads)}, which the base ties together: both are written "
-            "and tie_word_embeddings is set to false, so the merged model computes what the adapter did"
-        )
-    return extra
 
 
 def _order_extras(plan: MergePlan, extra: dict[str, TensorInfo]) -> None:

@@ -14,13 +14,6 @@ from lora_cli.errors import InputError
 
 Role = Literal["base", "adapter", "checkpoint"]
 
-# The names lora_cli.io.checkpoint and the adapter loaders read; not imported from there so that resolving
-# a reference does not pull in torch.
-INDEX_FILE = "model.safetensors.index.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_SAFETENSORS = "adapter_model.safetensors"
-ADAPTER_PICKLE = "adapter_model.bin"
-
 _ROLE_NAMES = {"base": "base model", "adapter": "adapter", "checkpoint": "checkpoint"}
 
 
@@ -54,7 +47,8 @@ def resolve(ref: str, *, role: Role, revision: str | None = None) -> ResolvedSou
         )
     from lora_cli.hub import fetch  # huggingface_hub takes a quarter second to import: only for repo ids
 
-    return fetch(ref, role, revision)
+    folder, commit = fetch(ref, adapter=role == "adapter", revision=revision)
+    return ResolvedSource(ref=ref, path=folder, revision=revision, commit=commit, is_local=False)
 
 
 def _looks_like_path(ref: str) -> bool:

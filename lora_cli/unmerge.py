@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lora_cli import ties
 from lora_cli.adapters.base import EditContext, TensorEdit, Workspace
 from lora_cli.checkpoint_files import read_provenance
 from lora_cli.device import pick_device
@@ -28,9 +29,10 @@ from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dtype_name
 from lora_cli.io.safetensors_file import TensorInfo, read_tensor
 from lora_cli.numerics import CHUNK, coarser, ulps
-from lora_cli.plan import EMBEDDING_SUFFIXES, HEAD_NAMES, MergePlan, PlannedTensor, is_tied, resolve_target
+from lora_cli.plan import MergePlan, PlannedTensor, resolve_target
 from lora_cli.resolve import ResolvedSource
 from lora_cli.sources import AdapterSpec, adapter_record, prepare, source_record
+from lora_cli.ties import is_embedding, is_head, is_tied, pair_of
 
 # A head and an embedding that each came back within 1 ulp of the same W differ by at most 2 ulps.
 RETIE_ULPS = 2.0
@@ -77,29 +79,7 @@ def expected_error(dtypes: set[str]) -> str:
 
 def _counterpart(name: str, index: CheckpointIndex) -> TensorInfo | None:
     """The tensor of another checkpoint that `name` corresponds to; a head missing there is its tied embedding."""
-    found = resolve_target(name, set(index.tensors))
-    if found is not None:
-        return index.tensors[found]
-    if name.endswith(HEAD_NAMES) and is_tied(index.config()):
-        embedding = next((n for n in index.tensors if n.endswith(EMBEDDING_SUFFIXES)), None)
-        return index.tensors[embedding] if embedding else None
-    return None
-
-
-def _refold_tied(plan: MergePlan) -> None:
-    """A merged checkpoint that is still tied (PEFT merges into the shared tensor) stays tied when unmerged.
-
-    `build_plan` unties a head whose embedding an adapter edits, which is right for a merge from a tied base but
-    wrong here: the one shared tensor carries every delta, so the head's own edits are reverted on it too.
-    """
-    for head in plan.untied:
-        entry = next(t for t in plan.tensors if t.name == head)
-        embedding = next(t for t in plan.tensors if t.name == entry.source.name)
-        embedding.edits.extend(e for e in entry.edits if e not in embedding.edits)
-        plan.tensors.remove(entry)
-    if plan.untied:
-        plan.warnings = [w for w in plan.warnings if "tie_word_embeddings" not in w]
-        plan.untied = []
+    return pair_of(name, index, resolve_target(name, set(index.tensors)))
 
 
 def _check_base_needs(plan: MergePlan, base: CheckpointIndex | None) -> dict[str, TensorInfo]:
@@ -186,13 +166,13 @@ def _retie(
     """
     config = plan.base.config()
     provenance = read_provenance(merged.path) or {}
-    untied_by_merge = (provenance.get("config_changes") or {}).get("tie_word_embeddings") is False
+    untied_by_merge = (provenance.get("config_changes") or {}).get(ties.KEY) is False
     base_tied = any(index is not None and is_tied(index.config()) for index in (base, reference))
     if is_tied(config) or not (untied_by_merge or base_tied):
         return [], []
     by_name = {t.name: t for t in plan.tensors}
-    embedding = next((t for t in plan.tensors if t.name.endswith(EMBEDDING_SUFFIXES)), None)
-    heads = [by_name[n] for n in by_name if n.endswith(HEAD_NAMES)]
+    embedding = next((t for t in plan.tensors if is_embedding(t.name)), None)
+    heads = [by_name[n] for n in by_name if is_head(n)]
     if embedding is None or len(heads) != 1 or heads[0].source.shape != embedding.source.shape:
         return [], []
     head = heads[0]
@@ -234,9 +214,10 @@ def unmerge(
 ) -> UnmergeSummary:
     """Revert `adapters` (given in the order they were merged) from `merged`, writing the result to `out`."""
     options = options or WriteOptions()
-    prepared = prepare(merged, adapters, dtype=options.dtype)
+    # A merged checkpoint that is still tied (PEFT merges into the shared tensor) stays tied when unmerged: the
+    # one shared tensor carries every delta, so the head's own edits are reverted on it too.
+    prepared = prepare(merged, adapters, dtype=options.dtype, ties="keep")
     plan, loaded = prepared.plan, prepared.adapters
-    _refold_tied(plan)
     base_index = open_checkpoint(base.path) if base is not None else None
     base_sources = _check_base_needs(plan, base_index)
     reference = open_checkpoint(check_against.path) if check_against is not None else None
@@ -262,11 +243,10 @@ def unmerge(
     ) -> torch.Tensor:
         # Base and reference tensors are read here, in the compute thread: only edited tensors need them.
         original = read_tensor(base_sources[planned.name]) if planned.name in base_sources else None
-        result = revert_edits(planned, raw, device, workspace, original)
-        result = result.to(device="cpu", dtype=SAFETENSORS_TO_TORCH[planned.output.dtype], copy=True)
+        out.copy_(revert_edits(planned, raw, device, workspace, original))  # the one rounding to the output dtype
         if planned.name in references:
-            checks.append(_measure(planned.name, result, raw, read_tensor(references[planned.name])))
-        return result
+            checks.append(_measure(planned.name, out.cpu(), raw, read_tensor(references[planned.name])))
+        return out
 
     record: dict[str, object] = {
         "merged": source_record(merged),

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cli.errors import InputError, OutputError
+from lora_cli.filenames import MANIFEST
 from lora_cli.io.safetensors_file import read_header
 
-MANIFEST = "SHA256SUMS"
 CHUNK = 16 * 1024 * 1024
 
 

@@ -28,24 +28,26 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import synthetic  # a sibling module, importable once scripts/ is on the path
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PEFT_SCRIPT = Path(__file__).resolve().parent / "peft_merge_reference.py"
+# The environment the methods run in, taken before lora_cli is imported (it sets OMP_WAIT_POLICY for itself).
+CHILD_ENV = dict(os.environ)
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import synthetic  # noqa: E402  (a sibling module, importable once scripts/ is on the path)
+
+from lora_cli.memstats import TreePeaks, TreeSampler  # noqa: E402  (this repo's, after the path is set)
+from lora_cli.peft_reference import RESULT_PREFIX  # noqa: E402
+
 MiB = 1 << 20
 GiB = 1 << 30
-SAMPLE_INTERVAL_S = 0.02
-RESCAN_EVERY = 5  # rescan /proc for new descendants every this many samples (the scan is the costly part)
 RATIO_TARGET = 1.2
 ANON_TARGET_BYTES = {"tiny": 512 * MiB, "1b": 512 * MiB, "7b": 1 * GiB}
 SPACE_MARGIN = 1.05
@@ -61,94 +63,7 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _ppid_map() -> dict[int, int]:
-    """pid -> parent pid for every process we can see (``/proc/<pid>/stat``, field after the comm)."""
-    out: dict[int, int] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        out[int(entry.name)] = int(fields[1])
-    return out
-
-
-def process_tree(root: int) -> list[int]:
-    """``root`` and all its descendants alive now."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid in _ppid_map().items():
-        children.setdefault(ppid, []).append(pid)
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, ()))
-    return tree
-
-
-def read_rss(pid: int) -> tuple[int, int, int]:
-    """(RssAnon, RssFile, RssShmem) in bytes of one process; zeros if it is gone."""
-    values = {"RssAnon:": 0, "RssFile:": 0, "RssShmem:": 0}
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f.read().decode().splitlines():
-                key, _, rest = line.partition("\t")
-                if key in values:
-                    values[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return values["RssAnon:"], values["RssFile:"], values["RssShmem:"]
-
-
-@dataclass
-class MemoryPeaks:
-    """Peaks of the process tree's summed RSS, each taken independently, plus the peak of their sum."""
-
-    anon: int = 0
-    file: int = 0
-    shmem: int = 0
-    total: int = 0
-    samples: int = 0
-
-
-class TreeSampler(threading.Thread):
-    """Samples summed RSS of a process tree every ``interval`` seconds until ``stop()``."""
-
-    def __init__(self, root: int, interval: float = SAMPLE_INTERVAL_S) -> None:
-        super().__init__(daemon=True)
-        self.root = root
-        self.interval = interval
-        self.peaks = MemoryPeaks()
-        self._stop_event = threading.Event()
-
-    def sample(self, pids: Iterable[int]) -> None:
-        anon = file = shmem = 0
-        for pid in pids:
-            a, f, s = read_rss(pid)
-            anon, file, shmem = anon + a, file + f, shmem + s
-        p = self.peaks
-        p.anon, p.file, p.shmem = max(p.anon, anon), max(p.file, file), max(p.shmem, shmem)
-        p.total = max(p.total, anon + file + shmem)
-        p.samples += 1
-
-    def run(self) -> None:
-        pids = [self.root]
-        tick = 0
-        while not self._stop_event.is_set():
-            if tick % RESCAN_EVERY == 0:
-                pids = process_tree(self.root)
-            self.sample(pids)
-            tick += 1
-            self._stop_event.wait(self.interval)
-
-    def stop(self) -> MemoryPeaks:
-        self._stop_event.set()
-        self.join()
-        return self.peaks
+# The /proc sampler is lora_cli.memstats's `TreeSampler`.
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,7 +199,7 @@ class RunResult:
     repeat: int
     wall_s: float
     returncode: int
-    peaks: MemoryPeaks
+    peaks: TreePeaks
     kernel_maxrss_bytes: int
     out_bytes: int
     report: dict[str, Any] | None = None
@@ -332,13 +247,18 @@ def build_methods(base: Path, adapter: Path, devices: Sequence[str], args: argpa
                     f"peft-{dev}",
                     lambda out, dev=dev: [
                         sys.executable,
-                        str(PEFT_SCRIPT),
+                        "-m",
+                        "lora_cli.peft_reference",
                         str(base),
                         str(adapter),
                         str(out),
+                        "--dtype",
+                        "bfloat16",
                         "--device",
                         dev,
+                        "--sync",
                     ],
+                    env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), CHILD_ENV.get("PYTHONPATH")]))},
                     parse_json=True,
                 )
             )
@@ -353,7 +273,9 @@ def _flatten_stages(report: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def parse_json_report(text: str) -> dict[str, Any] | None:
-    """The JSON object a method printed: the whole stdout, else the last line or block starting with "{"."""
+    """The JSON object a method printed: the whole stdout, else the last line or block starting with "{" (or with
+    the PEFT reference's RESULT prefix)."""
+    text = "".join(line.removeprefix(RESULT_PREFIX) for line in text.splitlines(keepends=True))
     try:
         value = json.loads(text)
         return value if isinstance(value, dict) else None
@@ -374,7 +296,7 @@ def parse_json_report(text: str) -> dict[str, Any] | None:
 
 def run_measured(method: Method, out: Path, repeat: int, logs: Path, timeout: float | None) -> RunResult:
     """Run one method as a subprocess in its own session; time it and sample its tree's memory."""
-    env = {**os.environ, **method.env}
+    env = {**CHILD_ENV, **method.env}
     stdout_path = logs / f"{method.name}-{repeat}.out"
     stderr_path = logs / f"{method.name}-{repeat}.err"
     with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:

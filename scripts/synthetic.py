@@ -18,11 +18,20 @@ import json
 import os
 import shutil
 import struct
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+# This repository's lora_cli, also when run as `python scripts/...` (sys.path then starts at scripts/).
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from lora_cli.filenames import ADAPTER_CONFIG, ADAPTER_SAFETENSORS, CONFIG, INDEX_FILE
+from lora_cli.io.dtypes import TORCH_TO_SAFETENSORS
+from lora_cli.io.writer import OutputTensor
+from lora_cli.io.writer import plan_shards as writer_plan_shards
 
 ALL_LINEAR: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -183,16 +192,12 @@ def llama_tensor_specs(shape: LlamaShape, dtype: torch.dtype = torch.bfloat16) -
 
 
 def plan_shards(specs: Sequence[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
-    """Greedily pack tensors in order into shards of at most ``shard_bytes`` (a lone big tensor gets its own)."""
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards
+    """Pack tensors in order into shards of at most ``shard_bytes`` (a lone big tensor gets its own), the way
+    loractl's writer packs its output (``lora_cli.io.writer.plan_shards``)."""
+    outputs = [OutputTensor(s.name, TORCH_TO_SAFETENSORS[s.dtype], tuple(s.shape)) for s in specs]
+    by_name = {s.name: s for s in specs}
+    planned = writer_plan_shards(outputs, [""] * len(outputs), shard_bytes)
+    return [[by_name[t.name] for t in shard.tensors] for shard in planned]
 
 
 def llama_config(shape: LlamaShape, dtype: torch.dtype = torch.bfloat16) -> dict[str, object]:
@@ -300,8 +305,8 @@ def write_llama_checkpoint(
             total_size += spec.nbytes
             total_params += spec.numel
     index = {"metadata": {"total_size": total_size, "total_parameters": total_params}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out_dir / "config.json").write_text(json.dumps(llama_config(shape, dtype), indent=2) + "\n")
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (out_dir / CONFIG).write_text(json.dumps(llama_config(shape, dtype), indent=2) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}) + "\n")
     _write_stamp(out_dir, stamp)
     return out_dir
@@ -405,10 +410,10 @@ def write_lora_adapter(
     if _prepare(out_dir, stamp):
         return out_dir
     write_safetensors_streaming(
-        out_dir / "adapter_model.safetensors", lora_tensor_specs(shape, rank, targets, dtype), seed=seed
+        out_dir / ADAPTER_SAFETENSORS, lora_tensor_specs(shape, rank, targets, dtype), seed=seed
     )
     config = lora_config(rank, alpha, targets, base_model)
-    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     _write_stamp(out_dir, stamp)
     return out_dir
 

@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 import torch
 
 from lora_cli.errors import NonFiniteError, NotRevertibleError
+from lora_cli.filenames import ADAPTER_CONFIG
 from lora_cli.numerics import all_finite
 
 Shape = tuple[int, ...]
@@ -82,6 +83,10 @@ class Adapter:
     @property
     def peft_type(self) -> str:
         return str(self.config.get("peft_type", "")).upper()
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / ADAPTER_CONFIG
 
     @property
     def label(self) -> str:

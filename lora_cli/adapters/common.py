@@ -121,7 +121,7 @@ def shared_edits(adapter: Adapter) -> list[TensorEdit]:
         if indices is None:
             raise InputError(
                 f"holds trainable token rows for {module} but trainable_token_indices does not name it",
-                path=adapter.directory / "adapter_config.json",
+                path=adapter.config_path,
                 fix="the config and the weights do not belong together; re-save the adapter",
             )
         edits.append(TokenRowsEdit(adapter, f"{module}.weight", key, indices))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_cli.filenames import ADAPTER_CONFIG
 from lora_cli.io.checkpoint import open_checkpoint, read_json
 from lora_cli.resolve import ResolvedSource
 
@@ -71,7 +72,7 @@ def source_lineage(base: ResolvedSource, adapters: list[ResolvedSource]) -> list
     """`lineage_messages` for resolved folders: reads the base's config and each `adapter_config.json`."""
     entries = []
     for source in adapters:
-        config_path = Path(source.path) / "adapter_config.json"
+        config_path = Path(source.path) / ADAPTER_CONFIG
         config = read_json(config_path) if config_path.exists() else {}
         entries.append((source.ref, Path(source.path), config))
     return lineage_messages(base_names(base.ref, base.path, open_checkpoint(base.path).config()), entries)

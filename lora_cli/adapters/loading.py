@@ -8,9 +8,10 @@ from lora_cli.adapters.base import Adapter, AdapterModule, AdapterWeights
 from lora_cli.adapters.registry import kind_for
 from lora_cli.adapters.weights import PickleWeights, SafetensorsWeights
 from lora_cli.errors import InputError
+from lora_cli.filenames import ADAPTER_CONFIG, ADAPTER_PICKLE, ADAPTER_SAFETENSORS, CONFIG
 from lora_cli.io.checkpoint import read_json
 
-CONFIG_FILE = "adapter_config.json"
+CONFIG_FILE = ADAPTER_CONFIG
 PEFT_PREFIXES = ("base_model.model.", "base_model.")
 WEIGHT_SUFFIXES = ("weight", "bias")
 
@@ -33,7 +34,7 @@ def load_adapter(directory: Path, *, ref: str | None = None, weight: float = 1.0
         raise InputError("is not a folder", path=directory, fix="pass an adapter folder or a Hub repo id")
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
-        hint = "it looks like a model checkpoint" if (directory / "config.json").exists() else "is this an adapter?"
+        hint = "it looks like a model checkpoint" if (directory / CONFIG).exists() else "is this an adapter?"
         raise InputError(f"has no {CONFIG_FILE} ({hint})", path=directory, fix="pass a PEFT adapter folder")
     config = read_json(config_path)
     if not config.get("peft_type"):
@@ -48,10 +49,10 @@ def load_adapter(directory: Path, *, ref: str | None = None, weight: float = 1.0
 
 
 def open_weights(directory: Path) -> AdapterWeights:
-    safetensors_path = directory / "adapter_model.safetensors"
+    safetensors_path = directory / ADAPTER_SAFETENSORS
     if safetensors_path.exists():
         return SafetensorsWeights(safetensors_path)
-    bin_path = directory / "adapter_model.bin"
+    bin_path = directory / ADAPTER_PICKLE
     if bin_path.exists():
         return PickleWeights(bin_path)
     raise InputError(

@@ -58,7 +58,7 @@ def lycoris_scaling(adapter: Adapter, module_path: str) -> tuple[float, int]:
     if rank <= 0 or rank != int(rank):
         raise InputError(
             f"r must be a positive integer, got {rank!r}",
-            path=adapter.directory / "adapter_config.json",
+            path=adapter.config_path,
             fix="set it in adapter_config.json to the value the adapter was trained with, or re-save the adapter",
         )
     return alpha / int(rank), int(rank)

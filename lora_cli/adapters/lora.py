@@ -227,7 +227,7 @@ class LoraBiasEdit(AdditiveEdit):
 def lora_scaling(adapter: Adapter, module_path: str, rank: int) -> float:
     """PEFT's `scaling`: alpha / r, or alpha / sqrt(r) with rsLoRA; r and alpha may come from the patterns."""
     config = adapter.config
-    config_path = adapter.directory / "adapter_config.json"
+    config_path = adapter.config_path
     pattern_rank = adapter.pattern_value("rank_pattern", module_path, config.get("r", 8))
     alpha = adapter.pattern_value("alpha_pattern", module_path, config.get("lora_alpha", 8))
     if not isinstance(pattern_rank, int) or isinstance(pattern_rank, bool) or pattern_rank <= 0:

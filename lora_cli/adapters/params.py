@@ -18,7 +18,7 @@ def config_number(
     if pattern is not None:
         value = adapter.pattern_value(pattern, module_path, value)
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise InputError(f"{key} must be a number, got {value!r}", path=adapter.directory / "adapter_config.json")
+        raise InputError(f"{key} must be a number, got {value!r}", path=adapter.config_path)
     return value
 
 
@@ -50,6 +50,6 @@ def missing_params(adapter: Adapter, module_path: str, have: list[str], need: st
 def mismatched_rank(adapter: Adapter, module_path: str, config_rank: object, tensor: str, stored: int) -> InputError:
     return InputError(
         f"{module_path}: config gives r={config_rank} but its {tensor} has rank {stored}",
-        path=adapter.directory / "adapter_config.json",
+        path=adapter.config_path,
         fix="the config and the weights do not belong together; re-save the adapter",
     )

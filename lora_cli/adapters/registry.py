@@ -60,6 +60,6 @@ def kind_for(adapter: Adapter) -> AdapterKind:
     reason = REFUSED.get(peft_type, "loractl does not merge this adapter type")
     raise UnsupportedAdapterError(
         f"adapter type {peft_type or '(none)'} is not supported: {reason}",
-        path=adapter.directory / "adapter_config.json",
+        path=adapter.config_path,
         fix="see README for the supported types",
     )

@@ -84,9 +84,7 @@ class Road(AdapterKind):
     def check_adapter(self, adapter: Adapter) -> None:
         refuse_weight(adapter, "RoAd", "a RoAd rotation has no delta to scale")
         if _variant(adapter) not in PARAMS_PER_UNIT:
-            raise InputError(
-                f"unknown RoAd variant {_variant(adapter)!r}", path=adapter.directory / "adapter_config.json"
-            )
+            raise InputError(f"unknown RoAd variant {_variant(adapter)!r}", path=adapter.config_path)
 
     def module_edits(
         self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.errors import InputError
+from lora_cli.filenames import ADAPTER_FILES, CONFIG, INDEX_FILE, SINGLE_FILE
 from lora_cli.io.safetensors_file import (
     DuplicateKeyError,
     SafetensorsFile,
@@ -15,10 +16,7 @@ from lora_cli.io.safetensors_file import (
     reject_duplicate_keys,
 )
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass(frozen=True)
@@ -38,13 +36,9 @@ class CheckpointIndex:
     def file_bytes(self) -> int:
         return sum(shard.size for shard in self.shards)
 
-    def shard_of(self, name: str) -> SafetensorsFile:
-        file = self.tensors[name].file
-        return next(shard for shard in self.shards if shard.path == file)
-
     def config(self) -> dict | None:
         """config.json when present (a plain state-dict folder has none)."""
-        path = self.directory / "config.json"
+        path = self.directory / CONFIG
         return read_json(path) if path.exists() else None
 
 

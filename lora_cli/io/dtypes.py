@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
@@ -40,3 +42,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def is_float(dtype: str) -> bool:
     return SAFETENSORS_TO_TORCH[dtype].is_floating_point
+
+
+def dominant_dtype(sized: Iterable[tuple[str, int]]) -> str | None:
+    """The dtype most bytes are in, from (dtype, nbytes) pairs (what `dtype="auto"` loads); None when empty."""
+    sizes: dict[str, int] = {}
+    for dtype, nbytes in sized:
+        sizes[dtype] = sizes.get(dtype, 0) + nbytes
+    return max(sizes, key=sizes.__getitem__) if sizes else None

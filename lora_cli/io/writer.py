@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lora_cli.errors import OutputError
-from lora_cli.io.checkpoint import INDEX_FILE, SINGLE_FILE
+from lora_cli.filenames import INDEX_FILE, SINGLE_FILE
 from lora_cli.io.dtypes import TORCH_TO_SAFETENSORS, itemsize
 
 if TYPE_CHECKING:
