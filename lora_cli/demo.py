@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lora_cli.engine import Progress, WriteOptions, WriteSummary
+from lora_cli.engine import Progress, WriteOptions, WriteSummary, write_merge
 from lora_cli.filenames import ADAPTER_CONFIG, ADAPTER_SAFETENSORS
-from lora_cli.merge import merge
-from lora_cli.sources import AdapterSpec, local_source
+from lora_cli.sources import AdapterSpec, local_source, prepare
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, ALPHA = 8, 16
@@ -107,7 +106,9 @@ def run_demo(workdir: Path, options: WriteOptions | None = None, progress: Progr
     base_dir, adapter_dir, merged_dir = workdir / "base", workdir / "adapter", workdir / "merged"
     model = build_base(base_dir)
     factors = build_adapter(model, adapter_dir, base_dir)
-    summary = merge(local_source(base_dir), [AdapterSpec(local_source(adapter_dir))], merged_dir, options, progress)
+    options = options or WriteOptions()
+    prepared = prepare(local_source(base_dir), [AdapterSpec(local_source(adapter_dir))], dtype=options.dtype)
+    summary = write_merge(prepared, merged_dir, options, progress)
     inputs = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(2))
     expected = logits_with_runtime_lora(model, factors, inputs)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()

@@ -27,6 +27,7 @@ from lora_cli.io.writer import ShardPlan, ShardWriter, plan_shards, write_index
 from lora_cli.memstats import MemoryMonitor
 from lora_cli.numerics import all_finite
 from lora_cli.plan import MergePlan, PlannedTensor, working_dtype
+from lora_cli.sources import Prepared
 from lora_cli.stream import Pipeline
 from lora_cli.verify import TensorDigests, VerifyReport, verify_written
 
@@ -384,6 +385,22 @@ def _write_side_files(tmp: Path, plan: MergePlan, shards: list[ShardPlan], optio
     if plan.retied:
         config_changes["dropped"] = list(plan.retied)
     return config_changes
+
+
+def write_merge(
+    prepared: Prepared, out: Path, options: WriteOptions, progress: Progress | None = None
+) -> WriteSummary:
+    """The merge: every edit applied in order, streamed to `out`, with the inputs recorded in its provenance."""
+    return write_plan(
+        prepared.plan,
+        out,
+        apply_edits,
+        options,
+        operation="merge",
+        record=prepared.record(),
+        inputs=prepared.input_paths,
+        progress=progress,
+    )
 
 
 def _planned_headers(shards: list[ShardPlan]) -> list[tuple[str, list[tuple[str, str, tuple[int, ...]]]]]:

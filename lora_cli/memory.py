@@ -25,7 +25,7 @@ import psutil
 import torch
 
 from lora_cli.adapters.base import Adapter
-from lora_cli.engine import ADDITIVE_WORK_COPIES, UNFUSED_WORK_COPIES, WriteOptions, apply_edits, write_plan
+from lora_cli.engine import ADDITIVE_WORK_COPIES, UNFUSED_WORK_COPIES, WriteOptions, write_merge
 from lora_cli.host_buffers import INPUT_BUFFERS, OUTPUT_BUFFERS
 from lora_cli.io.checkpoint import CheckpointIndex
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dominant_dtype, is_float
@@ -33,7 +33,7 @@ from lora_cli.memstats import MemoryMonitor, MemorySample, read_rss
 from lora_cli.peft_reference import PHASE_PREFIX, RESULT_PREFIX
 from lora_cli.plan import MergePlan, PlannedTensor, build_plan, working_dtype
 from lora_cli.resolve import ResolvedSource
-from lora_cli.sources import AdapterSpec, adapter_record, prepare, source_record
+from lora_cli.sources import AdapterSpec, prepare
 
 # The engine reads into a ring of INPUT_BUFFERS host buffers, computes in reused buffers (`Workspace`) and writes
 # from a ring of OUTPUT_BUFFERS host buffers that the writer drains; each ring's buffers are the size of the
@@ -321,8 +321,8 @@ def _reset_peak_rss() -> bool:
 def measure_streaming(base: ResolvedSource, adapters: list[AdapterSpec], device: str = "cpu") -> Measurement:
     """Run loractl's merge into a temporary folder (deleted after) while sampling this process's memory.
 
-    The merge is `merge()`'s own steps (prepare, then `write_plan` with `apply_edits`), with the phase switched
-    between them.
+    The merge is `merge()`'s own two steps (`prepare`, then `engine.write_merge`), with the phase switched between
+    them.
     """
     exact = _reset_peak_rss()
     start_rss = _status_kib("VmRSS") if exact else None
@@ -331,15 +331,7 @@ def measure_streaming(base: ResolvedSource, adapters: list[AdapterSpec], device:
         options = WriteOptions(device=device)
         prepared = prepare(base, adapters, dtype=options.dtype)
         monitor.phase = "merge+write"
-        summary = write_plan(
-            prepared.plan,
-            Path(tmp) / "merged",
-            apply_edits,
-            options,
-            operation="merge",
-            record={"base": source_record(base), "adapters": [adapter_record(a) for a in prepared.adapters]},
-            inputs=[base.path, *(a.source.path for a in adapters)],
-        )
+        summary = write_merge(prepared, Path(tmp) / "merged", options)
         monitor.phase = "done"
         seconds = time.perf_counter() - started
         kernel_peak = _status_kib("VmHWM") if exact else None

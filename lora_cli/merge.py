@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from lora_cli.engine import Progress, WriteOptions, WriteSummary, apply_edits, write_plan
+from lora_cli.engine import Progress, WriteOptions, WriteSummary, write_merge
 from lora_cli.plan import MergePlan
 from lora_cli.resolve import ResolvedSource
-from lora_cli.sources import AdapterSpec, adapter_record, prepare, source_record
+from lora_cli.sources import AdapterSpec, prepare
 
 
 def merge(
@@ -24,14 +24,4 @@ def merge(
     prepared = prepare(base, adapters, dtype=options.dtype)
     if on_plan is not None:
         on_plan(prepared.plan)
-    record = {"base": source_record(base), "adapters": [adapter_record(a) for a in prepared.adapters]}
-    return write_plan(
-        prepared.plan,
-        out,
-        apply_edits,
-        options,
-        operation="merge",
-        record=record,
-        inputs=[base.path, *(a.source.path for a in adapters)],
-        progress=progress,
-    )
+    return write_merge(prepared, out, options, progress)

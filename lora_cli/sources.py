@@ -59,9 +59,20 @@ def adapter_record(adapter: Adapter) -> dict[str, object]:
 class Prepared:
     """A checkpoint opened, its adapters loaded, and the plan that lands them on it."""
 
+    source: ResolvedSource
+    specs: list[AdapterSpec]
     index: CheckpointIndex
     adapters: list[Adapter]
     plan: MergePlan
+
+    @property
+    def input_paths(self) -> list[Path]:
+        """Every folder read: the output must not be one of them (nor lie inside one)."""
+        return [self.source.path, *(spec.source.path for spec in self.specs)]
+
+    def record(self, checkpoint_role: str = "base") -> dict[str, object]:
+        """How the inputs appear in `loractl.json`."""
+        return {checkpoint_role: source_record(self.source), "adapters": [adapter_record(a) for a in self.adapters]}
 
 
 def prepare(
@@ -75,4 +86,4 @@ def prepare(
     loaded = load_adapters(adapters)
     if dtype is not None:
         plan_options["dtype"] = dtype
-    return Prepared(index, loaded, build_plan(index, loaded, **plan_options))
+    return Prepared(checkpoint, adapters, index, loaded, build_plan(index, loaded, **plan_options))

@@ -31,7 +31,7 @@ from lora_cli.io.safetensors_file import TensorInfo, read_tensor
 from lora_cli.numerics import CHUNK, coarser, ulps
 from lora_cli.plan import MergePlan, PlannedTensor, resolve_target
 from lora_cli.resolve import ResolvedSource
-from lora_cli.sources import AdapterSpec, adapter_record, prepare, source_record
+from lora_cli.sources import AdapterSpec, prepare, source_record
 from lora_cli.ties import is_embedding, is_head, is_tied, pair_of
 
 # A head and an embedding that each came back within 1 ulp of the same W differ by at most 2 ulps.
@@ -248,15 +248,10 @@ def unmerge(
             checks.append(_measure(planned.name, out.cpu(), raw, read_tensor(references[planned.name])))
         return out
 
-    record: dict[str, object] = {
-        "merged": source_record(merged),
-        "adapters": [adapter_record(a) for a in loaded],
-        "reverted_in_order": [a.label for a in reversed(loaded)],
-    }
+    record = {**prepared.record("merged"), "reverted_in_order": [a.label for a in reversed(loaded)]}
     if base is not None:
         record["base"] = source_record(base)
-    inputs = [merged.path, *(a.source.path for a in adapters)]
-    inputs += [s.path for s in (base, check_against) if s is not None]
+    inputs = [*prepared.input_paths, *(s.path for s in (base, check_against) if s is not None)]
     plan.retied = retied
     summary = write_plan(
         plan, out, transform, options, operation="unmerge", record=record, inputs=inputs, progress=progress
