@@ -10,6 +10,7 @@ README.md ("What a merge will cost") and by tests/test_memory.py.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -39,10 +40,11 @@ from lora_cli.sources import AdapterSpec, prepare
 # from a ring of OUTPUT_BUFFERS host buffers that the writer drains; each ring's buffers are the size of the
 # largest edited tensor (`host_buffers.py`). The working copies per edited tensor are the engine's own
 # (`engine.ADDITIVE_WORK_COPIES`, `engine.UNFUSED_WORK_COPIES`); whether a chain is fused, each edit's `form` says.
-# A fresh python process with torch, transformers and peft imported, anonymous and file-backed (shared libraries)
-# together: measured 389 MiB with torch 2.13, transformers 5.23 and peft 0.21 (the reference runs in its own process,
-# so this process's size, which may hold anything, is not used for it).
-REFERENCE_PROCESS_BYTES = 390 * 2**20
+# A fresh python process with torch, transformers and peft imported is measured (`reference_process_bytes`): it
+# moves with the installed versions (389 MiB with torch 2.13, transformers 5.23 and peft 0.21; 435 MiB with
+# transformers 5.24 and bitsandbytes installed, which peft imports) and with a CUDA build of torch (1.2 GB). This
+# value stands in where the probe cannot run (peft not installed).
+REFERENCE_PROCESS_FALLBACK_BYTES = 390 * 2**20
 REFERENCE_MODULE = "lora_cli.peft_reference"
 TIMELINE_POINTS = 100
 
@@ -194,7 +196,7 @@ def predict_plan(plan: MergePlan, device: str = "cpu", baseline: int | None = No
     def in_memory(itemsize: int, label: str) -> PathEstimate:
         model = _model_bytes(base, itemsize)
         terms = {
-            "python + torch + transformers + peft": REFERENCE_PROCESS_BYTES,
+            "python + torch + transformers + peft": reference_process_bytes(),
             "base model": model,
             "adapter (fp32)": adapter_fp32,
             # Converting while loading keeps the mapped shards resident beside the converted copy.
@@ -348,6 +350,20 @@ def measure_streaming(base: ResolvedSource, adapters: list[AdapterSpec], device:
         start_rss_bytes=start_rss,
         peak_gpu_bytes=summary.peak_gpu_bytes,
     )
+
+
+@functools.cache
+def reference_process_bytes() -> int:
+    """Resident size of a fresh reference process once it has imported torch, transformers and peft (measured)."""
+    if not reference_available():
+        return REFERENCE_PROCESS_FALLBACK_BYTES
+    done = subprocess.run(
+        [sys.executable, "-m", REFERENCE_MODULE, "--baseline"], capture_output=True, text=True, timeout=300
+    )
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return int(json.loads(line[len(RESULT_PREFIX) :])["rss_bytes"])
+    return REFERENCE_PROCESS_FALLBACK_BYTES
 
 
 def reference_available() -> bool:

@@ -40,6 +40,14 @@ class _ListHandler(logging.Handler):
         self.messages.append(f"{record.name}: {record.getMessage()}"[:500])
 
 
+def import_reference() -> None:
+    """What the reference process imports before it reads a byte: its fixed cost, which `memory` measures."""
+    import torch  # noqa: F401
+    from peft import PeftModel  # noqa: F401
+    from peft.tuners.lora import LoraLayer  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+
 def run(base: str, adapter: str, out: str, dtype: str = "auto", device: str = "cpu", sync: bool = False) -> dict:
     """Merge the PEFT way; `dtype` is "auto" (the checkpoint's), a dtype name, or "default" (pass none).
 
@@ -47,6 +55,7 @@ def run(base: str, adapter: str, out: str, dtype: str = "auto", device: str = "c
     """
     _phase("import")
     started = time.perf_counter()
+    import_reference()
     import torch
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -92,6 +101,14 @@ def run(base: str, adapter: str, out: str, dtype: str = "auto", device: str = "c
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if argv is None and sys.argv[1:] == ["--baseline"]:
+        # The resident size after the imports alone (anonymous and file-backed): `memory` predicts with it.
+        import_reference()
+        from lora_cli.memstats import read_rss
+
+        anon, file_backed = read_rss()
+        sys.stdout.write(f"{RESULT_PREFIX}{json.dumps({'rss_bytes': anon + file_backed})}\n")
+        return 0
     parser.add_argument("base")
     parser.add_argument("adapter")
     parser.add_argument("out")
