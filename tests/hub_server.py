@@ -1,12 +1,19 @@
-"""A tiny fake Hugging Face Hub on 127.0.0.1, speaking the HTTP calls huggingface_hub 2.4 makes for downloads.
+"""A tiny fake Hugging Face Hub on 127.0.0.1, speaking the HTTP calls huggingface_hub 2.4 makes for downloads
+and for uploads over the LFS protocol (tests set HF_HUB_DISABLE_XET=1: this server does not speak Xet).
 
-Served: model info (`/api/models/{repo}[/revision/{rev}]`), the tree listing (`/api/models/{repo}/tree/{rev}`),
-and `HEAD`/`GET /{repo}/resolve/{rev}/{file}` with the X-Repo-Commit/ETag/X-Linked-* headers and Range resumes.
-Switches: private repos (401 without a known token), gated repos (403 on files), and connections dropped mid-file.
+Downloads: model info (`/api/models/{repo}[/revision/{rev}]`), the tree listing (`/api/models/{repo}/tree/{rev}`),
+and `HEAD`/`GET /{repo}/resolve/{rev}/{file}` with the X-Repo-Commit/ETag/X-Linked-* headers and byte ranges.
+Uploads: `POST /api/repos/create`, `POST /api/models/{repo}/branch/{b}`, `POST /api/models/{repo}/preupload/{rev}`,
+`POST /{repo}.git/info/lfs/objects/batch`, the `PUT` of each LFS object (no auth header, as to the Hub's storage),
+`POST /api/validate-yaml` (the card's YAML is parsed) and `POST /api/models/{repo}/commit/{rev}` (ndjson; one
+commit per call, `create_pr=1` opens refs/pr/N).
+Switches: private repos (401 without a known token), gated repos (401 on files), write tokens (401 without a
+token, 403 with a read-only one), connections dropped mid-file, and LFS uploads held until released.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -15,13 +22,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pytest
+import yaml
+from huggingface_hub import constants, file_download
+from huggingface_hub.utils._http import close_session
 
 # Files the real Hub stores in LFS: their ETag is the content sha256, announced in X-Linked-Etag.
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".model")
 
 _API_RE = re.compile(r"^/api/models/(?P<repo>.+?)(?:/revision/(?P<rev>[^/]+)|/tree/(?P<tree_rev>[^/]+)(?P<sub>/.*)?)?$")
 _RESOLVE_RE = re.compile(r"^/(?P<repo>[^/]+(?:/[^/]+)?)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+_WRITE_RE = re.compile(r"^/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<what>preupload|commit|branch)/(?P<rev>.+)$")
+_BATCH_RE = re.compile(r"^/(?P<repo>[^/]+(?:/[^/]+)?)\.git/info/lfs/objects/batch$")
+_LFS_PUT_RE = re.compile(r"^/lfs-storage/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<oid>[0-9a-f]{64})$")
 
 
 @dataclass
@@ -32,6 +49,8 @@ class FakeRepo:
     branches: dict[str, str] = field(default_factory=dict)
     private: bool = False
     gated: bool = False
+    lfs: dict[str, bytes] = field(default_factory=dict)  # LFS objects uploaded, by sha256, committed or not
+    history: list[tuple[str, str]] = field(default_factory=list)  # (branch, summary) of each commit pushed
 
     def commit_of(self, revision: str) -> str | None:
         if revision in self.branches:
@@ -54,6 +73,10 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[str, FakeRepo] = {}
         self.tokens: set[str] = set()  # tokens that may read private and gated repos
+        self.write_tokens: set[str] = set()  # tokens that may also create repos and push
+        self.hold_uploads_after: int | None = None  # LFS PUTs past this count wait until `release_uploads`
+        self.uploads_held = threading.Event()  # set when a PUT is being held
+        self._release = threading.Event()
         self.requests: list[Request] = []
         self._cuts: dict[tuple[str, str], list[int]] = {}
         self._lock = threading.Lock()
@@ -82,6 +105,19 @@ class FakeHub:
     def interrupt(self, repo_id: str, filename: str, cuts: list[int]) -> None:
         """Make the next len(cuts) GETs of a file drop the connection after sending cuts[i] body bytes."""
         self._cuts[(repo_id, filename)] = list(cuts)
+
+    def release_uploads(self) -> None:
+        self.hold_uploads_after = None
+        self._release.set()
+
+    def uploads(self) -> list[Request]:
+        """The LFS object PUTs received (each one a file's bytes sent to storage)."""
+        return [r for r in self.requests if r.method == "PUT"]
+
+    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+        """What `revision` of a repo holds now."""
+        repo = self.repos[repo_id]
+        return dict(repo.commits[repo.commit_of(revision)])
 
     def file_gets(self, filename: str) -> list[Request]:
         """The GET requests that downloaded `filename` (any repo, any revision)."""
@@ -151,6 +187,192 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             self._dispatch(head=False)
 
+        def do_POST(self) -> None:
+            hub._record(Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+            split = urlsplit(self.path)
+            path, query = split.path, parse_qs(split.query)
+            body = self._body()
+            if path == "/api/repos/create":
+                self._create_repo(json.loads(body))
+            elif path == "/api/validate-yaml":
+                self._validate_yaml(json.loads(body)["content"])
+            elif m := _WRITE_RE.match(path):
+                repo_id, revision = unquote(m["repo"]), unquote(m["rev"])
+                if m["what"] == "preupload":
+                    self._preupload(repo_id, revision, json.loads(body))
+                elif m["what"] == "branch":
+                    self._create_branch(repo_id, revision, json.loads(body) if body else {})
+                else:
+                    self._commit(repo_id, revision, body, create_pr=query.get("create_pr") == ["1"])
+            elif m := _BATCH_RE.match(path):
+                self._lfs_batch(unquote(m["repo"]), json.loads(body))
+            else:
+                self._error(404, "Not Found")
+
+        def do_PUT(self) -> None:
+            hub._record(Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
+            m = _LFS_PUT_RE.match(urlsplit(self.path).path)
+            if m is None:
+                self._error(404, "Not Found")
+                return
+            body = self._body()
+            with hub._lock:
+                held = hub.hold_uploads_after is not None and len(hub.uploads()) > hub.hold_uploads_after
+            if held:  # the client is killed meanwhile: this upload never completes
+                hub.uploads_held.set()
+                hub._release.wait(timeout=60)
+                self._error(500, "upload interrupted")
+                return
+            repo = hub.repos.get(unquote(m["repo"]))
+            if repo is None or hashlib.sha256(body).hexdigest() != m["oid"]:
+                self._error(400, "object does not match its oid")
+                return
+            repo.lfs[m["oid"]] = body
+            self._send(200, b"", {})
+
+        def _body(self) -> bytes:
+            """The request body, sent with a Content-Length or chunked (httpx streams a file object chunked)."""
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                parts = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        return b"".join(parts)
+                    parts.append(self.rfile.read(size))
+                    self.rfile.readline()
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        # -- writes ----------------------------------------------------------------------------------------------
+        def _writer(self) -> bool:
+            """True for a token that may write; else answers 401 (no or unknown token) or 403 (read-only)."""
+            auth = self.headers.get("Authorization", "")
+            token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
+            if token in hub.write_tokens:
+                return True
+            if token is None or token not in hub.tokens:
+                self._error(401, "Invalid username or password.")
+            else:
+                self._error(403, "You don't have the rights to create a model under this namespace")
+            return False
+
+        def _writable_repo(self, repo_id: str) -> FakeRepo | None:
+            if not self._writer():
+                return None
+            repo = hub.repos.get(repo_id)
+            if repo is None:
+                self._error(404, "Repository not found", code="RepoNotFound")
+            return repo
+
+        def _create_repo(self, payload: dict) -> None:
+            if not self._writer():
+                return
+            repo_id = "/".join(part for part in (payload.get("organization"), payload["name"]) if part)
+            if repo_id in hub.repos:  # the Hub's answer names the repo's URL too
+                message = "You already created this model repo"
+                body = json.dumps({"error": message, "url": f"{hub.url}/{repo_id}"}).encode()
+                self._send(409, body, {"Content-Type": "application/json", "X-Error-Message": message})
+                return
+            hub.add_repo(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
+            hub.repos[repo_id].private = bool(payload.get("private"))
+            self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
+
+        def _create_branch(self, repo_id: str, branch: str, payload: dict) -> None:
+            repo = self._writable_repo(repo_id)
+            if repo is None:
+                return
+            if branch in repo.branches:
+                self._error(409, f"Branch {branch} already exists")
+                return
+            start = repo.commit_of(payload.get("startingPoint") or "main")
+            repo.branches[branch] = start
+            self._json(200, {})
+
+        def _validate_yaml(self, content: str) -> None:
+            match = re.match(r"^---\n(.*?)\n---\n", content, re.S)
+            try:
+                meta = yaml.safe_load(match[1]) if match else None
+            except yaml.YAMLError as exc:
+                self._json(400, {"errors": [{"message": f"YAML: {exc}"}], "warnings": []})
+                return
+            if match is not None and not isinstance(meta, dict):
+                self._json(400, {"errors": [{"message": "metadata must be a mapping"}], "warnings": []})
+                return
+            self._json(200, {"errors": [], "warnings": []})
+
+        def _preupload(self, repo_id: str, revision: str, payload: dict) -> None:
+            repo = self._writable_repo(repo_id)
+            if repo is None:
+                return
+            current = repo.commits.get(repo.commit_of(revision) or "", {})
+            files = []
+            for entry in payload["files"]:
+                lfs = entry["path"].endswith(LFS_SUFFIXES)
+                old = current.get(entry["path"])
+                oid = None if old is None else hashlib.sha256(old).hexdigest() if lfs else git_blob_sha(old)
+                files.append(
+                    {
+                        "path": entry["path"],
+                        "uploadMode": "lfs" if lfs else "regular",
+                        "shouldIgnore": False,
+                        "oid": oid,
+                    }
+                )
+            self._json(200, {"files": files, "commitOid": repo.commit_of(revision)})
+
+        def _lfs_batch(self, repo_id: str, payload: dict) -> None:
+            repo = self._writable_repo(repo_id)
+            if repo is None:
+                return
+            objects = []
+            for obj in payload["objects"]:
+                entry: dict[str, object] = {"oid": obj["oid"], "size": obj["size"]}
+                if obj["oid"] not in repo.lfs:  # no "actions": the storage already holds it, nothing to send
+                    entry["actions"] = {"upload": {"href": f"{hub.url}/lfs-storage/{repo_id}/{obj['oid']}"}}
+                objects.append(entry)
+            self._json(200, {"transfer": "basic", "objects": objects})
+
+        def _commit(self, repo_id: str, revision: str, body: bytes, *, create_pr: bool) -> None:
+            repo = self._writable_repo(repo_id)
+            if repo is None:
+                return
+            parent = repo.commit_of(revision)
+            if parent is None:
+                self._error(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
+                return
+            lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+            files = dict(repo.commits[parent])
+            summary = ""
+            for line in lines:
+                key, value = line["key"], line["value"]
+                if key == "header":
+                    summary = value["summary"]
+                elif key == "file":
+                    files[value["path"]] = base64.b64decode(value["content"])
+                elif key == "lfsFile":
+                    if value["oid"] not in repo.lfs:
+                        self._error(422, f"LFS object {value['oid']} for {value['path']} was never uploaded")
+                        return
+                    files[value["path"]] = repo.lfs[value["oid"]]
+                elif key == "deletedFile" and files.pop(value["path"], None) is None:
+                    self._error(404, "A file with this name doesn't exist", code="EntryNotFound")
+                    return
+            sha = hashlib.sha1(f"{repo_id}:{parent}:{summary}:{len(repo.commits)}".encode()).hexdigest()
+            repo.commits[sha] = files
+            pr_url = None
+            if create_pr:
+                number = 1 + sum(1 for name in repo.branches if name.startswith("refs/pr/"))
+                target = f"refs/pr/{number}"
+                pr_url = f"{hub.url}/{repo_id}/discussions/{number}"
+            else:
+                target = revision
+            repo.branches[target] = sha
+            repo.history.append((target, summary))
+            self._json(
+                200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": pr_url}
+            )
+
         # -- routing ---------------------------------------------------------------------------------------------
         def _dispatch(self, *, head: bool) -> None:
             hub._record(Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
@@ -169,7 +391,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return None
             auth = self.headers.get("Authorization", "")
             token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
-            if token is not None and token not in hub.tokens:
+            if token is not None and token not in hub.tokens | hub.write_tokens:
                 # What the Hub says for a wrong token; huggingface_hub keeps it a plain 401 HfHubHTTPError.
                 self._error(401, "Invalid credentials in Authorization header")
                 return None
@@ -245,6 +467,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.close_connection = True
 
         # -- responses -------------------------------------------------------------------------------------------
+        def _json(self, status: int, body: object) -> None:
+            self._send(status, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
         def _error(self, status: int, message: str, *, code: str | None = None, extra: dict[str, str] | None = None):
             headers = {"Content-Type": "application/json", "X-Error-Message": message, **(extra or {})}
             if code is not None:
@@ -269,3 +494,29 @@ def _tree_entry(name: str, content: bytes) -> dict[str, object]:
     if name.endswith(LFS_SUFFIXES):
         entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
     return entry
+
+
+def point_client_at(server: FakeHub, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point huggingface_hub at `server` with an isolated cache and no token; Xet off (the fake Hub speaks LFS).
+
+    huggingface_hub reads its settings from the environment at import time, so the module constants are patched;
+    `HF_HUB_DISABLE_XET` is set too, for subprocesses started by the test.
+    """
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HOME", str(home))
+    # The client waits 1 s before resuming a dropped download; the only use of `time` in that module.
+    monkeypatch.setattr(file_download, "time", SimpleNamespace(sleep=lambda _seconds: None))
+    close_session()
