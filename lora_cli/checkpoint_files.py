@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.filenames import CONFIG, INDEX_FILE, PROVENANCE_FILE
+from lora_cli.filenames import BASE_CARD, CARD, CONFIG, INDEX_FILE, PROVENANCE_FILE
 from lora_cli.io.checkpoint import PICKLE_SUFFIXES
 from lora_cli.ties import KEY as TIE_KEY
 from lora_cli.ties import set_tied
@@ -24,8 +24,9 @@ def copy_side_files(source: Path, out: Path) -> list[str]:
             continue
         if path.suffix in SKIPPED_SUFFIXES or path.name.startswith("adapter_"):
             continue
-        shutil.copyfile(path, out / path.name)
-        copied.append(path.name)
+        name = BASE_CARD if path.name == CARD else path.name  # README.md is the new checkpoint's card (card.py)
+        shutil.copyfile(path, out / name)
+        copied.append(name)
     return copied
 
 

@@ -10,11 +10,13 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lora_cli import ties
 from lora_cli.adapters.base import EditContext, Workspace
+from lora_cli.card import write_card
 from lora_cli.checkpoint_files import copy_side_files, update_config, write_provenance
 from lora_cli.device import exact_device
 from lora_cli.errors import NonFiniteError
@@ -29,7 +31,10 @@ from lora_cli.numerics import all_finite
 from lora_cli.plan import MergePlan, PlannedTensor, working_dtype
 from lora_cli.sources import Prepared
 from lora_cli.stream import Pipeline
-from lora_cli.verify import TensorDigests, VerifyReport, verify_written
+from lora_cli.verify import TensorDigests, VerifyReport, verify_shard, verify_written
+
+if TYPE_CHECKING:
+    from lora_cli.push import HubPublisher, PushReport
 
 # (planned tensor, input as stored, device, workspace, output buffer) -> the result: either the output buffer,
 # already written, or a working-precision tensor the engine rounds into it.
@@ -45,6 +50,8 @@ class WriteOptions:
     overwrite: bool = False
     check_finite: bool = True
     verify: bool = False  # re-read and checksum every written tensor, and write SHA256SUMS (lora_cli/verify.py)
+    publish: HubPublisher | None = None  # `--push-to-hub`: each finished shard is uploaded (lora_cli/push.py)
+    command: str | None = None  # the command line, recorded in loractl.json and the model card
 
 
 @dataclass
@@ -71,6 +78,7 @@ class WriteSummary:
     config_changes: dict[str, object] = field(default_factory=dict)
     provenance: dict[str, object] = field(default_factory=dict)
     verification: VerifyReport | None = None
+    push: PushReport | None = None
 
 
 @dataclass
@@ -262,9 +270,15 @@ class _ShardSink:
         metadata: dict[str, str],
         digests: TensorDigests | None,
         progress: Progress | None,
+        finish_shard: Callable[[ShardWriter], None] = ShardWriter.close,
+        one_at_a_time: bool = False,
     ) -> None:
         self.directory, self.shards, self.metadata = directory, shards, metadata
         self.digests, self.progress = digests, progress
+        # Run in the background on each finished shard: close (sync), and with --verify or a push, more.
+        self.finish_shard = finish_shard
+        # Pushing without local copies: the next shard waits for the last one's upload (one shard on disk).
+        self.one_at_a_time = one_at_a_time
         self.writers: list[ShardWriter] = []
         self.flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loractl-fsync")
         self.closing: list[Future[None]] = []
@@ -273,7 +287,9 @@ class _ShardSink:
         writers = self.writers
         if len(writers) <= job.shard:
             if writers:
-                self.closing.append(self.flusher.submit(writers[-1].close))
+                self.closing.append(self.flusher.submit(self.finish_shard, writers[-1]))
+                if self.one_at_a_time:
+                    self.closing[-1].result()
             shard = self.shards[job.shard]
             writers.append(ShardWriter(self.directory / shard.filename, shard, self.metadata, self.digests))
         writer = writers[-1]
@@ -287,7 +303,7 @@ class _ShardSink:
     def finish(self) -> None:
         """Close the last shard and wait until every shard is synced."""
         if self.writers:
-            self.closing.append(self.flusher.submit(self.writers[-1].close))
+            self.closing.append(self.flusher.submit(self.finish_shard, self.writers[-1]))
         for done in self.closing:
             done.result()
 
@@ -314,17 +330,34 @@ def write_plan(
     """Write every planned tensor to OUT (atomically), transforming the edited ones on the chosen device."""
     out = Path(out).expanduser()
     device = exact_device(options.device)
-    check_output(out, inputs, overwrite=options.overwrite, needed_bytes=plan.output_bytes)
-
     source_names = [t.source.file.name for t in plan.tensors]
     shards = plan_shards([t.output for t in plan.tensors], source_names, options.max_shard_bytes)
+    publish = options.publish
+    one_at_a_time = publish is not None and not publish.keep_local
+    needed = max((s.nbytes for s in shards), default=0) if one_at_a_time else plan.output_bytes
+    check_output(out, inputs, overwrite=options.overwrite, needed_bytes=needed)
     jobs = _jobs(shards, {t.name: t for t in plan.tensors})
     started = time.perf_counter()
     step = _ComputeStep(transform, device, options, jobs)
     digests = TensorDigests() if options.verify else None
+    hashes: dict[str, str] = {}  # SHA-256 of each shard verified as soon as it was closed
+    verify_seconds = [0.0]
+    planned_headers = dict(_planned_headers(shards))
+
+    def finish_shard(writer: ShardWriter) -> None:
+        """Sync a finished shard; with --verify, check it now; when pushing, upload it."""
+        writer.close()
+        if digests is not None:
+            began = time.perf_counter()
+            hashes[writer.path.name] = verify_shard(writer.path, planned_headers[writer.path.name], digests)
+            verify_seconds[0] += time.perf_counter() - began
+        if publish is not None:
+            publish.shard_closed(writer.path)
+
     with MemoryMonitor(keep_timeline=False) as memory, atomic_directory(out, overwrite=options.overwrite) as tmp:
         memory.phase = "write"
-        sink = _ShardSink(tmp, shards, {"format": "pt", "loractl": operation}, digests, progress)
+        metadata = {"format": "pt", "loractl": operation}
+        sink = _ShardSink(tmp, shards, metadata, digests, progress, finish_shard, one_at_a_time)
         pipeline = Pipeline(step.load, step.compute, sink.write, depth=PIPELINE_DEPTH)
         try:
             pipeline.run(jobs)
@@ -345,11 +378,17 @@ def write_plan(
                 "device": str(device),
                 "dtype": options.dtype,
                 "tensors_edited": [t.name for t in plan.edited],
+                **({"command": options.command} if options.command else {}),
                 "config_changes": config_changes,
             },
         )
+        write_card(tmp, provenance, hashes if digests is not None else None)
         # Inside the atomic block: a checkpoint that fails verification never appears as OUT.
-        verification = verify_written(tmp, _planned_headers(shards), digests) if digests is not None else None
+        verification = verify_written(tmp, _planned_headers(shards), digests, hashes) if digests is not None else None
+        if verification is not None:
+            verification.seconds += verify_seconds[0]
+        # The one commit, from inside the atomic block too: OUT appears only once the Hub holds the checkpoint.
+        pushed = publish.commit(tmp) if publish is not None else None
     written = plan.output_bytes
     return WriteSummary(
         output=str(out),
@@ -372,6 +411,7 @@ def write_plan(
         config_changes=config_changes,
         provenance=provenance,
         verification=verification,
+        push=pushed,
     )
 
 

@@ -14,3 +14,5 @@ ADAPTER_FILES = (ADAPTER_SAFETENSORS, ADAPTER_PICKLE)
 
 PROVENANCE_FILE = "loractl.json"  # what a loractl checkpoint was made from (`checkpoint_files.write_provenance`)
 MANIFEST = "SHA256SUMS"  # `--verify`'s checksums, in `sha256sum` format (`verify.py`)
+CARD = "README.md"  # the model card loractl writes for a checkpoint (`card.py`)
+BASE_CARD = "BASE_README.md"  # the base's own card, kept under another name beside ours

@@ -43,6 +43,7 @@ MODEL_SIDE_PATTERNS = (
     "vocab.txt",
     "merges.txt",
     "*.jinja",
+    "README.md",  # the base's model card: kept beside the merge's own as BASE_README.md (its license applies)
 )
 # Subfolders hold other components (diffusers pipelines, original/ exports): loractl reads the repo root only.
 ROOT_ONLY = ["*/*"]
@@ -53,10 +54,11 @@ _LOGIN_FIX = "log in with `hf auth login` or set HF_TOKEN, and accept the model'
 _CACHE_WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def fetch(ref: str, *, adapter: bool, revision: str | None) -> tuple[Path, str | None]:
+def fetch(ref: str, *, adapter: bool, revision: str | None, stream: bool = False) -> tuple[Path, str | None]:
     """A snapshot of just the files an adapter (or a model) needs from the Hub repo `ref`: its folder and commit.
 
-    `resolve.resolve` makes the `ResolvedSource`; this module never imports it back.
+    `resolve.resolve` makes the `ResolvedSource`; this module never imports it back. `stream` (a model): the
+    snapshot holds configs and index only, and the shards are read by range (see `_stream_model`).
     """
     try:
         validate_repo_id(ref)
@@ -68,7 +70,12 @@ def fetch(ref: str, *, adapter: bool, revision: str | None) -> tuple[Path, str |
         ) from None
 
     try:
-        folder = _fetch_adapter(ref, revision) if adapter else _fetch_model(ref, revision)
+        if adapter:
+            folder = _fetch_adapter(ref, revision)
+        elif stream and not constants.is_offline_mode():
+            folder = _stream_model(ref, revision)
+        else:
+            folder = _fetch_model(ref, revision)
     except InputError:
         raise
     except Exception as exc:
@@ -89,17 +96,7 @@ def _fetch_model(repo_id: str, revision: str | None) -> Path:
     # Pin the second call to the commit the first one resolved, so a branch moving in between cannot mix revisions.
     pinned = folder.name if _COMMIT_RE.fullmatch(folder.name) else revision
     index = folder / INDEX_FILE
-    if index.is_file():
-        try:
-            weights = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise InputError(
-                f"{INDEX_FILE} is not a valid safetensors index",
-                path=f"{repo_id}/{INDEX_FILE}",
-                fix="fix or re-upload the index in the repo, or pass a local folder",
-            ) from None
-    else:
-        weights = ["*.safetensors"]
+    weights = _index_shards(repo_id, index) if index.is_file() else ["*.safetensors"]
     folder = _snapshot(repo_id, pinned, weights)
     if not any(folder.glob("*.safetensors")):
         raise InputError(
@@ -116,6 +113,49 @@ def _fetch_model(repo_id: str, revision: str | None) -> Path:
                 fix="report it to the repo owner, or pass a local folder with all shards",
             )
     return folder
+
+
+def _stream_model(repo_id: str, revision: str | None) -> Path:
+    """Configs, tokenizer and index into the cache; each weight shard either complete in the cache already, or
+    registered to be read from the Hub by byte range at the commit the configs came from."""
+    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    from lora_cli.io.remote import RemoteShard, register
+
+    folder = _snapshot(repo_id, revision, list(MODEL_SIDE_PATTERNS))
+    commit = folder.name if _COMMIT_RE.fullmatch(folder.name) else None
+    if commit is None:  # a snapshot folder is always named by its commit; anything else cannot be pinned
+        return _fetch_model(repo_id, revision)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weights = _index_shards(repo_id, index)
+    else:
+        listed = [n for n in HfApi().list_repo_files(repo_id, revision=commit) if "/" not in n]
+        safetensors = [n for n in listed if n.endswith(".safetensors")]
+        weights = ["model.safetensors"] if "model.safetensors" in safetensors else sorted(safetensors)
+        if not weights:
+            raise InputError(
+                f"Hub repo has no .safetensors weights at {_rev(revision)}; loractl never loads pickled (.bin) weights",
+                path=repo_id,
+                fix="use a repo or --revision that has safetensors weights, or convert it to safetensors locally",
+            )
+    for name in weights:
+        if isinstance(try_to_load_from_cache(repo_id, name, revision=commit), str):
+            continue  # complete in the cache: read from there
+        meta = get_hf_file_metadata(hf_hub_url(repo_id, name, revision=commit, endpoint=constants.ENDPOINT))
+        register(RemoteShard(folder / name, repo_id, name, commit, int(meta.size or 0)))
+    return folder
+
+
+def _index_shards(repo_id: str, index: Path) -> list[str]:
+    try:
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputError(
+            f"{INDEX_FILE} is not a valid safetensors index",
+            path=f"{repo_id}/{INDEX_FILE}",
+            fix="fix or re-upload the index in the repo, or pass a local folder",
+        ) from None
 
 
 def _fetch_adapter(repo_id: str, revision: str | None) -> Path:

@@ -28,8 +28,11 @@ class ResolvedSource:
     is_local: bool
 
 
-def resolve(ref: str, *, role: Role, revision: str | None = None) -> ResolvedSource:
-    """Return a local folder for `ref`: the folder itself, or a Hub snapshot of just the files `role` needs."""
+def resolve(ref: str, *, role: Role, revision: str | None = None, stream: bool = False) -> ResolvedSource:
+    """Return a local folder for `ref`: the folder itself, or a Hub snapshot of just the files `role` needs.
+
+    `stream` (for a base): the snapshot holds the configs and index only, and shards not complete in the cache
+    are read from the Hub by byte range (lora_cli/io/remote.py) instead of being downloaded first."""
     local = Path(ref).expanduser()
     if local.is_dir():
         if revision is not None:
@@ -47,7 +50,7 @@ def resolve(ref: str, *, role: Role, revision: str | None = None) -> ResolvedSou
         )
     from lora_cli.hub import fetch  # huggingface_hub takes a quarter second to import: only for repo ids
 
-    folder, commit = fetch(ref, adapter=role == "adapter", revision=revision)
+    folder, commit = fetch(ref, adapter=role == "adapter", revision=revision, stream=stream)
     return ResolvedSource(ref=ref, path=folder, revision=revision, commit=commit, is_local=False)
 
 

@@ -110,22 +110,25 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(directory: Path, known: dict[str, str]) -> str:
-    """SHA256SUMS over every file in `directory` (reusing hashes already computed), written last."""
-    lines = []
-    for path in sorted(directory.iterdir()):
-        if path.name == MANIFEST or not path.is_file():
-            continue
-        lines.append(f"{known.get(path.name) or sha256_file(path)}  {path.name}\n")
+    """SHA256SUMS over every file in `directory` (reusing hashes already computed), written last. Files of `known`
+    no longer on disk (shards pushed to the Hub and removed) are listed with their known hash."""
+    names = {p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST} | set(known)
+    lines = [f"{known.get(name) or sha256_file(directory / name)}  {name}\n" for name in sorted(names)]
     (directory / MANIFEST).write_text("".join(lines))
     return MANIFEST
 
 
 def verify_written(
-    directory: Path, shards: list[tuple[str, list[tuple[str, str, tuple[int, ...]]]]], digests: TensorDigests
+    directory: Path,
+    shards: list[tuple[str, list[tuple[str, str, tuple[int, ...]]]]],
+    digests: TensorDigests,
+    verified: dict[str, str] | None = None,
 ) -> VerifyReport:
-    """Check every written shard (file name, planned tensors) and write the manifest over the whole folder."""
+    """Check every written shard (file name, planned tensors) not `verified` already (name -> SHA-256) and write
+    the manifest over the whole folder."""
     started = time.perf_counter()
-    hashes = {name: verify_shard(directory / name, planned, digests) for name, planned in shards}
+    verified = verified or {}
+    hashes = {name: verified.get(name) or verify_shard(directory / name, planned, digests) for name, planned in shards}
     manifest = write_manifest(directory, hashes)
     return VerifyReport(
         tensors=sum(len(planned) for _, planned in shards),

@@ -12,6 +12,12 @@ Examples::
     python scripts/bench_merge.py --size tiny --repeats 1           # quick end-to-end check
     python scripts/bench_merge.py --size 1b --markdown               # README numbers
     python scripts/bench_merge.py --size 7b --device both --workdir /data/bench --keep --json 7b.json
+    python scripts/bench_merge.py --size tiny --hub --skip-peft --device cpu   # base served by a local fake Hub
+
+``--hub`` serves the synthetic base from the fake Hub of ``tests/hub_server.py`` (127.0.0.1, in this process,
+files held in memory: keep to tiny or 1b) and adds ``loractl-hub-stream`` (the base streamed by range, an empty
+Hugging Face cache each run) and ``loractl-hub-push`` (streamed and pushed shard by shard to the same server, to
+a new repo each run), each with its peak local disk: the HF cache, OUT and the push's staging folder, sampled.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -64,6 +71,67 @@ def log(msg: str) -> None:
 
 
 # The /proc sampler is lora_cli.memstats's `TreeSampler`.
+
+
+class DiskSampler(threading.Thread):
+    """Peak bytes of the files under some folders (symlinks not followed: the HF cache links to its blobs)."""
+
+    def __init__(self, folders: list[Path], interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.folders, self.interval, self.peak = folders, interval, 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            total = 0
+            for folder in self.folders:
+                for root, _, names in os.walk(folder):
+                    for name in names:
+                        with contextlib.suppress(OSError):
+                            total += os.lstat(os.path.join(root, name)).st_size
+            self.peak = max(self.peak, total)
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return self.peak
+
+
+def start_fake_hub(base: Path) -> Any:
+    """The fake Hub of tests/hub_server.py serving `base` as bench/base, with a token that may push."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from tests.hub_server import FakeHub
+
+    hub = FakeHub()
+    hub.write_tokens.add("bench-token")
+    hub.add_repo("bench/base", {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()})
+    hub.start()
+    log(f"fake Hub at {hub.url} serving {base.name} as bench/base")
+    return hub
+
+
+def hub_methods(hub_url: str, adapter: Path, workdir: Path, args: argparse.Namespace) -> list[Method]:
+    """loractl-hub-stream and loractl-hub-push against the fake Hub; Xet off (the fake speaks LFS)."""
+    cmd, env = loractl_command(args.loractl)
+    home, staging = workdir / "hf-home", workdir / "push-tmp"
+    env = {**env, "HF_ENDPOINT": hub_url, "HF_HOME": str(home), "HF_TOKEN": "bench-token"}
+    env |= {"HF_HUB_DISABLE_XET": "1", "TMPDIR": str(staging), "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    pushes = iter(range(1, 10**6))
+    stream = Method(
+        "loractl-hub-stream",
+        lambda out: [*cmd, "merge", "bench/base", str(adapter), str(out), "--device", "cpu", "--json", "--quiet"],
+        env=env,
+        parse_json=True,
+        disk=[home],
+    )
+
+    def push_argv(out: Path) -> list[str]:
+        repo = f"bench/merged-{next(pushes)}"  # a new repo each run: no shard is already on the Hub
+        return [*cmd, "merge", "bench/base", str(adapter), "--push-to-hub", repo, "--device", "cpu", "--json", "-q"]
+
+    push = Method("loractl-hub-push", push_argv, env=env, parse_json=True, disk=[home, staging])
+    return [stream, push]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,6 +255,7 @@ class Method:
     argv: Callable[[Path], list[str]]
     env: dict[str, str] = field(default_factory=dict)
     parse_json: bool = False
+    disk: list[Path] = field(default_factory=list)  # folders whose peak size is sampled (and emptied before a run)
 
 
 @dataclass
@@ -203,6 +272,7 @@ class RunResult:
     kernel_maxrss_bytes: int
     out_bytes: int
     report: dict[str, Any] | None = None
+    peak_disk_bytes: int | None = None
     stderr_tail: str = ""
 
 
@@ -301,14 +371,21 @@ def run_measured(method: Method, out: Path, repeat: int, logs: Path, timeout: fl
     stderr_path = logs / f"{method.name}-{repeat}.err"
     with open(stdout_path, "wb") as so, open(stderr_path, "wb") as se:
         start = time.perf_counter()
+        for folder in method.disk:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
         proc = subprocess.Popen(method.argv(out), stdout=so, stderr=se, env=env, start_new_session=True)
         sampler = TreeSampler(proc.pid)
         sampler.start()
+        disk = DiskSampler([*method.disk, out]) if method.disk else None
+        if disk is not None:
+            disk.start()
         try:
             status, rusage = _wait(proc, timeout)
         finally:
             wall = time.perf_counter() - start
             peaks = sampler.stop()
+            peak_disk = disk.stop() if disk is not None else None
     returncode = os.waitstatus_to_exitcode(status)
     proc.returncode = returncode
     stdout = stdout_path.read_text(errors="replace")
@@ -322,6 +399,7 @@ def run_measured(method: Method, out: Path, repeat: int, logs: Path, timeout: fl
         kernel_maxrss_bytes=rusage.ru_maxrss * 1024,
         out_bytes=synthetic.checkpoint_bytes(out),
         report=_flatten_stages(parse_json_report(stdout)) if method.parse_json else None,
+        peak_disk_bytes=peak_disk,
         stderr_tail="\n".join(stderr.strip().splitlines()[-15:]),
     )
 
@@ -415,6 +493,7 @@ class Summary:
     runs: int
     failures: int
     self_report: dict[str, float] = field(default_factory=dict)
+    peak_disk_mib: float | None = None
 
 
 def summarize(results: list[RunResult], ckpt_bytes: int) -> list[Summary]:
@@ -456,6 +535,7 @@ def summarize(results: list[RunResult], ckpt_bytes: int) -> list[Summary]:
                 runs=len(runs),
                 failures=sum(r.method == n and r.returncode != 0 for r in results),
                 self_report=self_report,
+                peak_disk_mib=max(r.peak_disk_bytes for r in runs) / MiB if runs[0].peak_disk_bytes else None,
             )
         )
     return out
@@ -488,6 +568,7 @@ def evaluate_targets(summaries: list[Summary], size: str) -> list[dict[str, Any]
 
 def format_table(summaries: list[Summary], markdown: bool) -> str:
     header = ["method", "wall s (median)", "x copy floor", "GB/s", "peak anon RSS MiB", "peak file RSS MiB"]
+    header.append("peak disk MiB")
     rows = [
         [
             s.method,
@@ -496,6 +577,7 @@ def format_table(summaries: list[Summary], markdown: bool) -> str:
             _fmt_rate(s.gb_per_s),
             f"{s.peak_anon_mib:.0f}",
             f"{s.peak_file_mib:.0f}",
+            f"{s.peak_disk_mib:.0f}" if s.peak_disk_mib is not None else "",
         ]
         + ([f"({s.failures} failed)"] if s.failures else [])
         for s in summaries
@@ -608,6 +690,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write all results as JSON to PATH")
     p.add_argument("--strict", action="store_true", help="exit 1 if any target FAILs")
+    p.add_argument("--hub", action="store_true", help="also merge from (and push to) a local fake Hub; see above")
     args = p.parse_args(argv)
     if args.layers_mult < 1 or args.repeats < 1:
         p.error("--layers-mult and --repeats must be >= 1")
@@ -741,11 +824,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     workdir = workdir.resolve()
     log(f"workdir {workdir} ({fs_type(workdir) or 'unknown fs'})")
-    base = adapter = None
+    base = adapter = hub = None
     try:
         check_space(workdir, shape, args.rank, outputs=2 if args.check else 1)
         base, adapter = build_inputs(workdir, args.size, shape, args)
         methods = build_methods(base, adapter, devices, args)
+        if args.hub:
+            hub = start_fake_hub(base)
+            methods += hub_methods(hub.url, adapter, workdir, args)
         results, check = run_all(methods, base, adapter, workdir, shape, args)
         ckpt_bytes = synthetic.checkpoint_bytes(base)
         summaries = summarize(results, ckpt_bytes)
@@ -777,6 +863,10 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
             log(f"wrote {args.json}")
     finally:
+        if hub is not None:
+            hub.stop()
+        for folder in ("hf-home", "push-tmp"):
+            shutil.rmtree(workdir / folder, ignore_errors=True)
         cleanup(workdir, created, base, adapter, args.keep)
     if any(r.returncode != 0 for r in results):
         return 2

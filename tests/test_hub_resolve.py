@@ -56,6 +56,7 @@ BASE_WANTED = {
     "model.safetensors.index.json",
     "model-00001-of-00002.safetensors",
     "model-00002-of-00002.safetensors",
+    "README.md",  # the base's card, kept as BASE_README.md beside the merge's own
 }
 ADAPTER_CONFIG = b'{"peft_type": "LORA", "r": 8}'
 LORA_FILES = {"adapter_config.json": ADAPTER_CONFIG, "adapter_model.safetensors": b"s"}

@@ -10,6 +10,7 @@ import re
 from rich.table import Table
 
 from lora_cli.adapters.loading import parse_adapter_arg
+from lora_cli.cli._hub import push_rows
 from lora_cli.cli._options import DTYPE_CHOICES
 from lora_cli.cli._output import Output, human_bytes
 from lora_cli.engine import WriteSummary
@@ -77,4 +78,5 @@ def render_summary(output: Output, summary: WriteSummary, title: str, *, as_json
         rows.append(("manifest", f"{check.manifest} (sha256sum -c {check.manifest})"))
     for row in rows:
         table.add_row(*row)
+    push_rows(table, summary.push)
     output.table(table)

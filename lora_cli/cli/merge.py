@@ -10,6 +10,19 @@ import typer
 from lora_cli.adapters.lineage import source_lineage
 from lora_cli.cli._common import check_dtype, parse_size, render_summary, resolve_adapters
 from lora_cli.cli._errors import user_errors
+from lora_cli.cli._hub import (
+    BranchOpt,
+    CommitMessageOpt,
+    CreatePrOpt,
+    DownloadOpt,
+    KeepLocalOpt,
+    OutOpt,
+    PrivateOpt,
+    PushArgs,
+    PushOpt,
+    command_line,
+    outputs,
+)
 from lora_cli.cli._options import (
     AdapterRevisionOpt,
     DebugOpt,
@@ -24,7 +37,7 @@ from lora_cli.cli._options import (
 )
 from lora_cli.cli._output import Output
 from lora_cli.engine import WriteOptions
-from lora_cli.errors import AdapterMismatchError, InputError
+from lora_cli.errors import AdapterMismatchError
 from lora_cli.merge import merge
 from lora_cli.resolve import resolve
 
@@ -38,6 +51,9 @@ Examples:
   loractl merge ./base ./a@0.7 ./b@0.3 ./merged            (weighted sum of deltas)
 
   loractl merge ./base ./lora ./merged --dtype float32 --max-shard-size 2GB --json
+
+  loractl merge meta-llama/Llama-3.1-8B me/my-lora --push-to-hub me/llama-merged --verify
+                                (streams the base, uploads shard by shard, one commit; no OUT needed)
 """
 
 
@@ -65,6 +81,14 @@ def merge_command(
         typer.Option("--strict", help="Refuse an adapter whose base_model_name_or_path names another model."),
     ] = False,
     verify: VerifyOpt = False,
+    out_option: OutOpt = None,
+    push_to_hub: PushOpt = None,
+    private: PrivateOpt = False,
+    branch: BranchOpt = None,
+    commit_message: CommitMessageOpt = None,
+    create_pr: CreatePrOpt = False,
+    keep_local: KeepLocalOpt = False,
+    download: DownloadOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -77,10 +101,9 @@ def merge_command(
     add_weighted_adapter with combination_type="cat" gives). OUT appears whole or not at all.
     """
     output = Output(json_mode=json_output, quiet=quiet)
-    with user_errors(debug):
-        if len(adapters_and_out) < 2:
-            raise InputError("merge needs BASE, at least one ADAPTER, and OUT", fix="see loractl merge --help")
-        *adapter_args, out = adapters_and_out
+    push = PushArgs(push_to_hub, private, branch, commit_message, create_pr, keep_local)
+    with user_errors(debug), outputs("merge", adapters_and_out, out_option, push, overwrite=overwrite) as found:
+        adapter_args, out, publisher = found
         options = WriteOptions(
             device=device,
             dtype=check_dtype(dtype),
@@ -88,8 +111,10 @@ def merge_command(
             overwrite=overwrite,
             check_finite=not no_safe_merge,
             verify=verify,
+            publish=publisher,
+            command=command_line(),
         )
-        base_source = resolve(base, role="base", revision=revision)
+        base_source = resolve(base, role="base", revision=revision, stream=not download)
         specs = resolve_adapters(adapter_args, adapter_revision)
         lineage = source_lineage(base_source, [spec.source for spec in specs])
         if strict and lineage:
@@ -99,4 +124,6 @@ def merge_command(
                 base_source, specs, Path(out), options, progress=bar, on_plan=lambda p: bar.set_total(p.output_bytes)
             )
         summary.warnings[:0] = lineage
+        if publisher is not None and out_option is None:
+            summary.output = f"{push_to_hub} (no local copy)"
         render_summary(output, summary, "merge")

@@ -10,6 +10,18 @@ from rich.table import Table
 
 from lora_cli.cli._common import check_dtype, parse_size, render_summary, resolve_adapters
 from lora_cli.cli._errors import user_errors
+from lora_cli.cli._hub import (
+    BranchOpt,
+    CommitMessageOpt,
+    CreatePrOpt,
+    KeepLocalOpt,
+    OutOpt,
+    PrivateOpt,
+    PushArgs,
+    PushOpt,
+    command_line,
+    outputs,
+)
 from lora_cli.cli._options import (
     AdapterRevisionOpt,
     DebugOpt,
@@ -24,7 +36,6 @@ from lora_cli.cli._options import (
 )
 from lora_cli.cli._output import Output
 from lora_cli.engine import WriteOptions
-from lora_cli.errors import InputError
 from lora_cli.resolve import resolve
 from lora_cli.unmerge import UnmergeSummary, unmerge
 
@@ -94,6 +105,13 @@ def unmerge_command(
     max_shard_size: MaxShardOpt = None,
     overwrite: OverwriteOpt = False,
     verify: VerifyOpt = False,
+    out_option: OutOpt = None,
+    push_to_hub: PushOpt = None,
+    private: PrivateOpt = False,
+    branch: BranchOpt = None,
+    commit_message: CommitMessageOpt = None,
+    create_pr: CreatePrOpt = False,
+    keep_local: KeepLocalOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -106,16 +124,17 @@ def unmerge_command(
     at the larger magnitude of W and the merged value; --check-against BASE measures it per tensor.
     """
     output = Output(json_mode=json_output, quiet=quiet)
-    with user_errors(debug):
-        if len(adapters_and_out) < 2:
-            raise InputError("unmerge needs MERGED, at least one ADAPTER, and OUT", fix="see loractl unmerge --help")
-        *adapter_args, out = adapters_and_out
+    push = PushArgs(push_to_hub, private, branch, commit_message, create_pr, keep_local)
+    with user_errors(debug), outputs("unmerge", adapters_and_out, out_option, push, overwrite=overwrite) as found:
+        adapter_args, out, publisher = found
         options = WriteOptions(
             device=device,
             dtype=check_dtype(dtype),
             max_shard_bytes=parse_size(max_shard_size),
             overwrite=overwrite,
             verify=verify,
+            publish=publisher,
+            command=command_line(),
         )
         merged_source = resolve(merged, role="checkpoint", revision=revision)
         specs = resolve_adapters(adapter_args, adapter_revision)
@@ -132,4 +151,6 @@ def unmerge_command(
                 progress=bar,
                 on_plan=lambda p: bar.set_total(p.output_bytes),
             )
+        if publisher is not None and out_option is None:
+            summary.output = f"{push_to_hub} (no local copy)"
         render_unmerge(output, summary)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lora_cli.errors import InputError
 from lora_cli.filenames import ADAPTER_FILES, CONFIG, INDEX_FILE, SINGLE_FILE
+from lora_cli.io.remote import remote_shard, remote_shards_in
 from lora_cli.io.safetensors_file import (
     DuplicateKeyError,
     SafetensorsFile,
@@ -70,9 +71,10 @@ def open_checkpoint(directory: Path) -> CheckpointIndex:
     index_path = directory / INDEX_FILE
     if index_path.exists():
         return _open_indexed(directory, index_path)
-    if (directory / SINGLE_FILE).exists():
+    if _present(directory / SINGLE_FILE):
         return _collect(directory, [directory / SINGLE_FILE], {})
-    candidates = sorted(p for p in directory.glob("*.safetensors") if p.name not in ADAPTER_FILES)
+    found = {*directory.glob("*.safetensors"), *remote_shards_in(directory)}
+    candidates = sorted(p for p in found if p.name not in ADAPTER_FILES)
     if candidates:
         return _collect(directory, candidates, {})
     if any((directory / name).exists() for name in ADAPTER_FILES):
@@ -100,7 +102,7 @@ def _open_indexed(directory: Path, index_path: Path) -> CheckpointIndex:
     for name in shard_names:
         if Path(name).name != name:
             raise InputError(f"names a shard outside the folder: {name!r}", path=index_path)
-        if not (directory / name).exists():
+        if not _present(directory / name):
             raise InputError(
                 f"names shard {name} which is missing",
                 path=index_path,
@@ -116,6 +118,11 @@ def _open_indexed(directory: Path, index_path: Path) -> CheckpointIndex:
                 fix="the index and the shards are from different checkpoints; re-download them together",
             )
     return checkpoint
+
+
+def _present(path: Path) -> bool:
+    """On disk, or streamed from the Hub (lora_cli/io/remote.py)."""
+    return path.exists() or remote_shard(path) is not None
 
 
 def _collect(directory: Path, files: list[Path], index_metadata: dict) -> CheckpointIndex:

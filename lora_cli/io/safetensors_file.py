@@ -19,6 +19,7 @@ import torch
 
 from lora_cli.errors import InputError
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, itemsize
+from lora_cli.io.remote import remote_shard
 
 # The reference implementation refuses headers above 100 MB; a larger claim means a corrupt or hostile file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -82,6 +83,8 @@ def reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
 def read_header(path: Path) -> SafetensorsFile:
     """Read and check a safetensors header: sizes, dtypes, and byte ranges that tile the data exactly."""
     path = Path(path)
+    if (remote := remote_shard(path)) is not None:  # a Hub shard streamed by range (lora_cli/io/remote.py)
+        return parse_header(path, *remote.header())
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -109,6 +112,12 @@ def read_header(path: Path) -> SafetensorsFile:
         raise InputError("is a folder, expected a .safetensors file", path=path) from None
     except PermissionError:
         raise InputError("permission denied", path=path, fix="make the file readable") from None
+    return parse_header(path, raw, size)
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> SafetensorsFile:
+    """Check the JSON header `raw` of a file of `size` bytes (see read_header)."""
+    header_len = len(raw)
     try:
         header = json.loads(raw, object_pairs_hook=reject_duplicate_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -180,6 +189,16 @@ def read_tensor(info: TensorInfo, into: torch.Tensor | None = None) -> torch.Ten
             raise ValueError(f"read buffer of {into.numel()} {into.dtype} on {into.device} for {info.nbytes} bytes")
         buffer = (ctypes.c_char * info.nbytes).from_address(into.data_ptr())
     view = memoryview(buffer).cast("B")
+    if (remote := remote_shard(info.file)) is not None:
+        remote.read_into(view, info.offset)
+    else:
+        _read_local(info, view)
+    if into is None:
+        return torch.frombuffer(buffer, dtype=info.torch_dtype).reshape(info.shape)
+    return into[: info.nbytes].view(info.torch_dtype).view(info.shape)
+
+
+def _read_local(info: TensorInfo, view: memoryview) -> None:
     try:
         with open(info.file, "rb", buffering=0) as handle:
             done = 0
@@ -190,6 +209,3 @@ def read_tensor(info: TensorInfo, into: torch.Tensor | None = None) -> torch.Ten
                 done += got
     except FileNotFoundError:
         raise InputError("file disappeared while reading", path=info.file) from None
-    if into is None:
-        return torch.frombuffer(buffer, dtype=info.torch_dtype).reshape(info.shape)
-    return into[: info.nbytes].view(info.torch_dtype).view(info.shape)

@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ import torch
 from lora_cli.errors import OutputError
 from lora_cli.filenames import INDEX_FILE, SINGLE_FILE
 from lora_cli.io.dtypes import TORCH_TO_SAFETENSORS, itemsize
+from lora_cli.io.remote import remote_shard
 
 if TYPE_CHECKING:
     from lora_cli.verify import TensorDigests
@@ -136,6 +138,17 @@ class ShardWriter:
         specs = [self._expect(name) for name in names]
         if sum(spec.nbytes for spec in specs) != nbytes:
             raise RuntimeError(f"copy of {names[0]}..{names[-1]} does not match the planned sizes")
+        if (remote := remote_shard(source)) is not None:
+            # Streamed from the Hub: the bytes pass through here once, so they are checksummed on the way.
+            for spec in specs:
+                crc = 0
+                for piece in remote.pieces(offset, spec.nbytes):
+                    _write_all(self._fd, piece, self.path)
+                    crc = zlib.crc32(piece, crc)
+                if self.digests is not None:
+                    self.digests.expected[(self.path.name, spec.name)] = crc
+                offset += spec.nbytes
+            return nbytes
         with open(source, "rb", buffering=0) as src:
             _copy_range(src.fileno(), self._fd, offset, nbytes, self.path)
         if self.digests is not None:
