@@ -201,3 +201,13 @@ def map_push_error(exc: BaseException, repo_id: str, doing: str) -> PushError | 
         path=repo_id,
         fix="try again later (shards already uploaded are not sent again), or check HF_ENDPOINT",
     )
+
+
+def push_checkpoint(folder: Path, target: PushTarget) -> PushReport:
+    """Push a checkpoint folder already on disk: each shard uploaded (and, unless `keep_local`, removed) in turn,
+    then the rest of the folder, all in one commit."""
+    publisher = HubPublisher(target)
+    publisher.open()
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        publisher.shard_closed(shard)
+    return publisher.commit(Path(folder))

@@ -275,7 +275,8 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._send(409, body, {"Content-Type": "application/json", "X-Error-Message": message})
                 return
             hub.add_repo(repo_id, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"})
-            hub.repos[repo_id].private = bool(payload.get("private"))
+            # huggingface_hub 2.x sends "visibility"; older clients sent "private".
+            hub.repos[repo_id].private = payload.get("visibility") == "private" or payload.get("private") is True
             self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
 
         def _create_branch(self, repo_id: str, branch: str, payload: dict) -> None:

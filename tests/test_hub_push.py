@@ -25,7 +25,7 @@ from lora_cli.cli.app import app
 from lora_cli.engine import WriteOptions
 from lora_cli.io import remote
 from lora_cli.merge import merge
-from lora_cli.push import HubPublisher, PushTarget
+from lora_cli.push import HubPublisher, PushTarget, push_checkpoint
 from lora_cli.resolve import resolve
 from lora_cli.sources import AdapterSpec, local_source
 from tests.builders import make_adapter, save_base, tiny_llama
@@ -307,8 +307,10 @@ def test_repo_with_other_files_is_refused_unless_overwrite_which_removes_stale_s
 
 def test_push_to_a_branch_and_as_a_pull_request(hub, pair, tmp_path, monkeypatch):
     _, lora, local = pair
-    done = invoke("merge", "org/base", lora, "--push-to-hub", "me/m", "--branch", "dev", monkeypatch=monkeypatch)
+    args = ("merge", "org/base", lora, "--push-to-hub", "me/m", "--branch", "dev", "--private")
+    done = invoke(*args, monkeypatch=monkeypatch)
     assert done.exit_code == 0, done.output
+    assert hub.repos["me/m"].private
     assert set(shards(local)) <= set(hub.files("me/m", "dev")) and set(hub.files("me/m")) == {".gitattributes"}
     pr = invoke(
         "merge", "org/base", lora, "--push-to-hub", "me/m2", "--create-pr", "--commit-message", "Try it",
@@ -326,3 +328,13 @@ def test_unmerge_pushes_too(hub, pair, tmp_path, monkeypatch):
     files = hub.files("me/back")
     assert set(shards(base)) <= set(files) and "README.md" in files
     assert "unmerged-adapter" in card_meta(files["README.md"])["tags"]
+
+
+def test_a_folder_on_disk_is_pushed_by_the_library_in_one_commit(hub, pair, tmp_path, monkeypatch):
+    _, _, local = pair
+    monkeypatch.setenv("HF_TOKEN", WRITE)
+    report = push_checkpoint(local, PushTarget("me/copy", keep_local=True, commit_message="Copy"))
+    files = hub.files("me/copy")
+    assert {p.name for p in local.iterdir()} <= set(files) and hub.repos["me/copy"].history == [("main", "Copy")]
+    assert all(files[p.name] == p.read_bytes() for p in local.iterdir())
+    assert sorted(report.uploaded) == shards(local) and shards(local) == sorted(report.uploaded)  # kept on disk
