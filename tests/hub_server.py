@@ -2,7 +2,8 @@
 and for uploads over the LFS protocol (tests set HF_HUB_DISABLE_XET=1: this server does not speak Xet).
 
 Downloads: model info (`/api/models/{repo}[/revision/{rev}]`), the tree listing (`/api/models/{repo}/tree/{rev}`),
-and `HEAD`/`GET /{repo}/resolve/{rev}/{file}` with the X-Repo-Commit/ETag/X-Linked-* headers and byte ranges.
+`POST /api/models/{repo}/paths-info/{rev}`, and `HEAD`/`GET /{repo}/resolve/{rev}/{file}` with the
+X-Repo-Commit/ETag/X-Linked-* headers and byte ranges.
 Uploads: `POST /api/repos/create`, `POST /api/models/{repo}/branch/{b}`, `POST /api/models/{repo}/preupload/{rev}`,
 `POST /{repo}.git/info/lfs/objects/batch`, the `PUT` of each LFS object (no auth header, as to the Hub's storage),
 `POST /api/validate-yaml` (the card's YAML is parsed) and `POST /api/models/{repo}/commit/{rev}` (ndjson; one
@@ -37,6 +38,7 @@ LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".model")
 _API_RE = re.compile(r"^/api/models/(?P<repo>.+?)(?:/revision/(?P<rev>[^/]+)|/tree/(?P<tree_rev>[^/]+)(?P<sub>/.*)?)?$")
 _RESOLVE_RE = re.compile(r"^/(?P<repo>[^/]+(?:/[^/]+)?)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 _WRITE_RE = re.compile(r"^/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<what>preupload|commit|branch)/(?P<rev>.+)$")
+_PATHS_INFO_RE = re.compile(r"^/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/paths-info/(?P<rev>[^/]+)$")
 _BATCH_RE = re.compile(r"^/(?P<repo>[^/]+(?:/[^/]+)?)\.git/info/lfs/objects/batch$")
 _LFS_PUT_RE = re.compile(r"^/lfs-storage/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<oid>[0-9a-f]{64})$")
 
@@ -196,6 +198,8 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._create_repo(json.loads(body))
             elif path == "/api/validate-yaml":
                 self._validate_yaml(json.loads(body)["content"])
+            elif m := _PATHS_INFO_RE.match(path):  # a read, over POST: the paths come form-encoded
+                self._paths_info(unquote(m["repo"]), unquote(m["rev"]), parse_qs(body.decode()).get("paths", []))
             elif m := _WRITE_RE.match(path):
                 repo_id, revision = unquote(m["repo"]), unquote(m["rev"])
                 if m["what"] == "preupload":
@@ -301,6 +305,14 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._json(400, {"errors": [{"message": "metadata must be a mapping"}], "warnings": []})
                 return
             self._json(200, {"errors": [], "warnings": []})
+
+        def _paths_info(self, repo_id: str, revision: str, paths: list[str]) -> None:
+            found = self._repo_and_commit(repo_id, revision, files=False)
+            if found is None:
+                return
+            repo, commit = found
+            files = repo.commits[commit]
+            self._json(200, [_tree_entry(path, files[path]) for path in paths if path in files])
 
         def _preupload(self, repo_id: str, revision: str, payload: dict) -> None:
             repo = self._writable_repo(repo_id)

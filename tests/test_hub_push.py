@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -338,3 +339,21 @@ def test_a_folder_on_disk_is_pushed_by_the_library_in_one_commit(hub, pair, tmp_
     assert {p.name for p in local.iterdir()} <= set(files) and hub.repos["me/copy"].history == [("main", "Copy")]
     assert all(files[p.name] == p.read_bytes() for p in local.iterdir())
     assert sorted(report.uploaded) == shards(local) and shards(local) == sorted(report.uploaded)  # kept on disk
+
+
+def test_the_ci_workflows_check_step_passes_and_catches_a_bad_shard(hub, pair, monkeypatch, capsys):
+    """README's "Merge in CI" workflow ends with a script that compares the Hub's SHA-256 with SHA256SUMS: run it."""
+    _, lora, local = pair
+    readme = (REPO_ROOT / "README.md").read_text()
+    workflow = readme[readme.index("## Merge in CI") :]
+    start = workflow.index("python - <<'EOF'\n") + len("python - <<'EOF'\n")
+    script = textwrap.dedent(workflow[start : workflow.index("\n          EOF", start)])
+    done = invoke("merge", "org/base", lora, "--push-to-hub", "me/ci", "--verify", monkeypatch=monkeypatch)
+    assert done.exit_code == 0, done.output
+    monkeypatch.setenv("TARGET", "me/ci")
+    exec(compile(script, "README.md", "exec"), {})
+    assert "me/ci: 3 shards on the Hub match SHA256SUMS" in capsys.readouterr().out
+    repo = hub.repos["me/ci"]  # a shard whose bytes on the Hub are not the verified ones
+    repo.commits[repo.branches["main"]][shards(local)[0]] = b"not the verified bytes"
+    with pytest.raises(SystemExit, match="differs from SHA256SUMS"):
+        exec(compile(script, "README.md", "exec"), {})
