@@ -322,12 +322,18 @@ def test_push_to_a_branch_and_as_a_pull_request(hub, pair, tmp_path, monkeypatch
     assert shards(tmp_path / "kept") == shards(local)  # --keep-local: the whole checkpoint stays in --out
 
 
-def test_unmerge_pushes_too(hub, pair, tmp_path, monkeypatch):
+def test_unmerge_streams_the_merged_checkpoint_and_pushes_too(hub, pair, tmp_path, monkeypatch):
     base, lora, local = pair
-    done = invoke("unmerge", local, lora, "--push-to-hub", "me/back", monkeypatch=monkeypatch)
+    hub.add_repo("me/merged-src", {p.name: p.read_bytes() for p in local.iterdir()})
+    reference = tmp_path / "reference"
+    done = invoke("unmerge", local, lora, reference, monkeypatch=monkeypatch)
+    assert done.exit_code == 0, done.output
+    done = invoke("unmerge", "me/merged-src", lora, "--push-to-hub", "me/back", monkeypatch=monkeypatch)
     assert done.exit_code == 0, done.output
     files = hub.files("me/back")
-    assert set(shards(base)) <= set(files) and "README.md" in files
+    assert all(files[name] == (reference / name).read_bytes() for name in shards(base))
+    gets = [r for r in hub.file_gets(".safetensors") if "/me/merged-src/" in r.path]
+    assert gets and all("range" in r.headers for r in gets)  # streamed, not downloaded
     assert "unmerged-adapter" in card_meta(files["README.md"])["tags"]
 
 

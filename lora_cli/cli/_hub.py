@@ -41,7 +41,8 @@ DownloadOpt = Annotated[
     bool,
     typer.Option(
         "--download",
-        help="Download a Hub base into the Hugging Face cache first, instead of streaming its tensors by range.",
+        help="Download a Hub base (or MERGED) into the Hugging Face cache first, instead of streaming its tensors "
+        "by range.",
     ),
 ]
 

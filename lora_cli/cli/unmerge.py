@@ -14,6 +14,7 @@ from lora_cli.cli._hub import (
     BranchOpt,
     CommitMessageOpt,
     CreatePrOpt,
+    DownloadOpt,
     KeepLocalOpt,
     OutOpt,
     PrivateOpt,
@@ -112,6 +113,7 @@ def unmerge_command(
     commit_message: CommitMessageOpt = None,
     create_pr: CreatePrOpt = False,
     keep_local: KeepLocalOpt = False,
+    download: DownloadOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -136,7 +138,7 @@ def unmerge_command(
             publish=publisher,
             command=command_line(),
         )
-        merged_source = resolve(merged, role="checkpoint", revision=revision)
+        merged_source = resolve(merged, role="checkpoint", revision=revision, stream=not download)
         specs = resolve_adapters(adapter_args, adapter_revision)
         base_source = resolve(base, role="base") if base else None
         reference = resolve(check_against, role="checkpoint") if check_against else None
