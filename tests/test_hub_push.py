@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from huggingface_hub import constants
 from peft import LoraConfig
 from typer.testing import CliRunner
 
@@ -363,3 +364,15 @@ def test_the_ci_workflows_check_step_passes_and_catches_a_bad_shard(hub, pair, m
     repo.commits[repo.branches["main"]][shards(local)[0]] = b"not the verified bytes"
     with pytest.raises(SystemExit, match="differs from SHA256SUMS"):
         exec(compile(script, "README.md", "exec"), {})
+
+
+def test_offline_a_cached_base_is_read_from_the_cache(hub, pair, tmp_path, monkeypatch):
+    _, lora, local = pair
+    first = invoke("merge", "org/base", lora, tmp_path / "a", "--download", token=None, monkeypatch=monkeypatch)
+    assert first.exit_code == 0, first.output
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    before = len(hub.requests)
+    again = invoke("merge", "org/base", lora, tmp_path / "b", token=None, monkeypatch=monkeypatch)
+    assert again.exit_code == 0, again.output
+    assert len(hub.requests) == before  # not one request
+    assert all((tmp_path / "b" / n).read_bytes() == (local / n).read_bytes() for n in shards(local))
