@@ -9,6 +9,7 @@ import typer
 from lora_cli import __version__
 from lora_cli.cli.demo import demo_command
 from lora_cli.cli.diff import DIFF_EXAMPLES, diff_command
+from lora_cli.cli.extract import EXTRACT_EXAMPLES, extract_command
 from lora_cli.cli.inspect import INSPECT_EXAMPLES, inspect_command
 from lora_cli.cli.memory import MEMORY_EXAMPLES, memory_command
 from lora_cli.cli.merge import MERGE_EXAMPLES, merge_command
@@ -30,6 +31,7 @@ app.command("unmerge", epilog=UNMERGE_EXAMPLES)(unmerge_command)
 app.command("inspect", epilog=INSPECT_EXAMPLES)(inspect_command)
 app.command("memory", epilog=MEMORY_EXAMPLES)(memory_command)
 app.command("verify", epilog=VERIFY_EXAMPLES)(verify_command)
+app.command("extract", epilog=EXTRACT_EXAMPLES)(extract_command)
 app.command("demo")(demo_command)
 
 
