@@ -80,6 +80,10 @@ class AdapterWriter:
         if module not in self.saved_modules:
             self.saved_modules.append(module)
 
+    def add_raw(self, key: str, tensor: torch.Tensor) -> None:
+        """A tensor under its own key, as another adapter stored it (carried over unchanged)."""
+        self._add(key, tensor)
+
     def has_saved(self, tensor_name: str) -> bool:
         return any(t.name == f"{PEFT_PREFIX}{tensor_name}" for t in self._tensors)
 

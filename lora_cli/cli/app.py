@@ -13,6 +13,7 @@ from lora_cli.cli.extract import EXTRACT_EXAMPLES, extract_command
 from lora_cli.cli.inspect import INSPECT_EXAMPLES, inspect_command
 from lora_cli.cli.memory import MEMORY_EXAMPLES, memory_command
 from lora_cli.cli.merge import MERGE_EXAMPLES, merge_command
+from lora_cli.cli.resize import RESIZE_EXAMPLES, resize_command
 from lora_cli.cli.unmerge import UNMERGE_EXAMPLES, unmerge_command
 from lora_cli.cli.verify import VERIFY_EXAMPLES, verify_command
 
@@ -32,6 +33,7 @@ app.command("inspect", epilog=INSPECT_EXAMPLES)(inspect_command)
 app.command("memory", epilog=MEMORY_EXAMPLES)(memory_command)
 app.command("verify", epilog=VERIFY_EXAMPLES)(verify_command)
 app.command("extract", epilog=EXTRACT_EXAMPLES)(extract_command)
+app.command("resize", epilog=RESIZE_EXAMPLES)(resize_command)
 app.command("demo")(demo_command)
 
 

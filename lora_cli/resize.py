@@ -1,0 +1,228 @@
+"""`loractl resize ADAPTER OUT`: the best rank-R (or --energy) LoRA approximation of each module's delta.
+
+A LoRA module's delta is scale * B @ A: its SVD comes from QR of the two factors and an r x r SVD (lowrank.
+factored_svd), so the full matrix is never formed and the result is the exact best approximation (fp64). LoHa
+and LoKr modules have no such factors: their delta is formed (as the merge does) and truncated like a fine-tune's
+in `extract`, which converts them to LoRA. Every new module has lora_alpha = r (scale 1); biases and full tensors
+(modules_to_save) are carried over.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lora_cli.adapter_writer import AdapterWriter, lora_config
+from lora_cli.adapters.base import Adapter, EditContext, TensorEdit, kind_for
+from lora_cli.adapters.loading import load_adapter
+from lora_cli.errors import InputError, UnsupportedAdapterError
+from lora_cli.io.atomic import atomic_directory, check_output
+from lora_cli.lowrank import LowRank, Truncation, factored_svd, tensor_seed, truncated_svd
+
+FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESIZABLE = ("LORA", "LOHA", "LOKR")
+
+
+@dataclass(frozen=True)
+class ResizeOptions:
+    truncation: Truncation
+    dtype: str = "float32"
+    overwrite: bool = False
+
+
+@dataclass
+class ResizedModule:
+    module: str
+    old_rank: int | None  # None for LoHa/LoKr (their delta's rank is not a stored number)
+    rank: int
+    energy_kept: float
+    method: str
+
+
+@dataclass
+class ResizeSummary:
+    output: str
+    source_type: str
+    modules: list[ResizedModule]
+    energy_kept: float  # over all modules: kept s^2 over the deltas' total squared norm
+    carried: list[str]  # tensors copied unchanged (biases rescaled, modules_to_save)
+    seconds: float
+    config: dict[str, object]
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where a module's delta comes from: LoRA factors (scale * B @ A, in PEFT's orientation) or a formed delta."""
+
+    module: str
+    layout: str  # "linear", "embedding", "conv" or "formed"
+    factors: tuple[str, str, float, int] | None = None  # (a_key, b_key, scale, rank)
+    edit: TensorEdit | None = None
+    shape: tuple[int, int] | None = None
+
+
+def _sources(adapter: Adapter, edits: list[TensorEdit]) -> tuple[list[_Source], list[tuple[str, str, float]]]:
+    """The resizable modules and the LoRA biases (module, key, scale). Until each edit describes its own form
+    (issue 12), this is the one place that knows the edit classes."""
+    sources: list[_Source] = []
+    biases: list[tuple[str, str, float]] = []
+    for edit in edits:
+        module = edit.target.rsplit(".", 1)[0]
+        if edit.kind == "dora":
+            raise UnsupportedAdapterError(
+                "is a DoRA adapter: its magnitude vector rescales W + delta, so a resized delta changes the merge",
+                path=adapter.directory,
+                fix="merge it (loractl merge) and extract a LoRA from the merged model with loractl extract",
+            )
+        if edit.kind == "lora":
+            f = edit.factors  # type: ignore[attr-defined]
+            sources.append(_Source(module, f.layout, (f.a_key, f.b_key, f.scaling, f.rank)))
+        elif edit.kind == "lora_bias" or edit.target.endswith(".bias"):
+            biases.append((module, edit.key, edit.scaling))  # type: ignore[attr-defined]
+        elif edit.kind in ("loha", "lokr"):
+            sources.append(_Source(module, "formed", edit=edit, shape=_linear_shape(adapter, edit)))
+        else:
+            raise UnsupportedAdapterError(f"holds a {edit.kind} edit on {edit.target}", path=adapter.directory)
+    return sources, biases
+
+
+def _linear_shape(adapter: Adapter, edit: TensorEdit) -> tuple[int, int]:
+    """The (out, in) shape of a linear LoHa/LoKr delta, read from its factor shapes."""
+    params: dict[str, str] = edit.params  # type: ignore[attr-defined]
+    shape = adapter.weights.shape
+    refuse = UnsupportedAdapterError(
+        f"{edit.target} is a convolution (CP or 4-D factors): only linear LoHa/LoKr modules are resized",
+        path=adapter.directory,
+        fix="exclude the module or merge the adapter and use loractl extract",
+    )
+    if any(name in params for name in ("hada_t1", "hada_t2", "lokr_t2")):
+        raise refuse
+    if edit.kind == "loha":
+        return shape(params["hada_w1_a"])[0], shape(params["hada_w1_b"])[1]
+
+    def side(full: str, a: str, b: str) -> tuple[int, ...]:
+        if full in params:
+            return shape(params[full])
+        return shape(params[a])[0], shape(params[b])[1]
+
+    w1, w2 = side("lokr_w1", "lokr_w1_a", "lokr_w1_b"), side("lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    if len(w1) != 2 or len(w2) != 2:
+        raise refuse
+    return w1[0] * w2[0], w1[1] * w2[1]
+
+
+def resize(adapter_dir: Path, out: Path, options: ResizeOptions) -> ResizeSummary:
+    started = time.perf_counter()
+    how = options.truncation
+    if (how.rank is None) == (how.energy is None):
+        raise InputError("give exactly one of --rank and --energy")
+    if how.rank is not None and how.rank < 1:
+        raise InputError(f"--rank {how.rank} must be at least 1")
+    if how.energy is not None and not 0 < how.energy <= 1:
+        raise InputError(f"--energy {how.energy} must be in (0, 1]", fix="e.g. --energy 0.9 keeps 90% of each delta")
+    if options.dtype not in FACTOR_DTYPES:
+        raise InputError(f"--dtype {options.dtype!r} is not one of {', '.join(FACTOR_DTYPES)}")
+    dtype = FACTOR_DTYPES[options.dtype]
+    adapter = load_adapter(adapter_dir)
+    if adapter.peft_type not in RESIZABLE:
+        raise UnsupportedAdapterError(
+            f"is a {adapter.peft_type} adapter; resize takes LoRA, LoHa or LoKr",
+            path=adapter.directory,
+            fix="merge it and extract a LoRA with loractl extract",
+        )
+    if adapter.token_rows:
+        raise UnsupportedAdapterError(
+            "carries trainable_token_indices rows, which resize does not carry over",
+            path=adapter.directory,
+            fix="merge it and extract a LoRA with loractl extract",
+        )
+    sources, biases = _sources(adapter, kind_for(adapter).edits(adapter, lambda name: None))
+    if not sources:
+        raise InputError("has no module to resize", path=adapter.directory)
+    needed = sum(adapter.weights.nbytes(key) for key in adapter.weights.keys())  # noqa: SIM118
+    check_output(out, [adapter_dir], overwrite=options.overwrite, needed_bytes=needed)
+    ctx = EditContext(adapter, torch.device("cpu"))
+    wide = EditContext(adapter, torch.device("cpu"), work_dtype=torch.float64)
+
+    modules: list[ResizedModule] = []
+    carried: list[str] = []
+    total_sq = kept_sq = 0.0
+    with atomic_directory(out, overwrite=options.overwrite) as tmp:
+        writer = AdapterWriter(tmp)
+        try:
+            for source in sources:
+                low: LowRank
+                if source.factors is not None:
+                    a_key, b_key, scale, old_rank = source.factors
+                    a, b = wide.load(a_key), wide.load(b_key)
+                    a_shape, b_shape = a.shape, b.shape
+                    low = factored_svd(b.reshape(b.shape[0], -1) * scale, a.reshape(a.shape[0], -1), how)
+                    new_a, new_b = low.a, low.b
+                    if source.layout == "conv":  # lora_B is a 1x1 convolution: its factors reshape back
+                        new_a = new_a.reshape(new_a.shape[0], *a_shape[1:])
+                        new_b = new_b.reshape(b_shape[0], new_b.shape[1], *b_shape[2:])
+                    delta_sq = float((low.singular.double() ** 2).sum()) / max(low.energy_kept, 1e-300)
+                else:
+                    assert source.edit is not None and source.shape is not None
+                    old_rank = None
+                    delta = source.edit.delta(source.shape, ctx)  # type: ignore[call-arg]
+                    low = truncated_svd(delta, how, seed=tensor_seed(source.module))
+                    new_a, new_b = low.a, low.b
+                    delta_sq = float(torch.linalg.vector_norm(delta)) ** 2
+                rank = int(new_a.shape[0])
+                writer.add_lora(
+                    source.module,
+                    new_a.to(dtype),
+                    new_b.to(dtype),
+                    alpha=rank,
+                    embedding=source.layout == "embedding",
+                )
+                modules.append(ResizedModule(source.module, old_rank, rank, low.energy_kept, low.method))
+                total_sq += delta_sq
+                kept_sq += delta_sq * low.energy_kept
+            for module, key, scale in biases:  # lora_B.bias is scaled like the delta: fold the old scale in
+                writer.add_lora_bias(module, (ctx.load(key) * scale).to(dtype))
+                carried.append(f"{module}.lora_B.bias")
+            for name, key in adapter.full_tensors.items():
+                writer.add_raw(key, adapter.weights.load(key))
+                carried.append(name)
+            config = _config(adapter, writer)
+            writer.finish(config)
+        except BaseException:
+            writer.abort()
+            raise
+    return ResizeSummary(
+        output=str(out),
+        source_type=adapter.peft_type,
+        modules=modules,
+        energy_kept=kept_sq / total_sq if total_sq else 1.0,
+        carried=carried,
+        seconds=time.perf_counter() - started,
+        config=config,
+    )
+
+
+def _config(adapter: Adapter, writer: AdapterWriter) -> dict[str, object]:
+    old = adapter.config
+    new = lora_config(
+        writer.lora_modules,
+        target_modules=old.get("target_modules") or sorted(m.path for m in writer.lora_modules),
+        modules_to_save=list(old.get("modules_to_save") or []),
+        base_model=old.get("base_model_name_or_path"),
+        lora_bias=bool(writer.bias_modules),
+        fan_in_fan_out=bool(old.get("fan_in_fan_out")) and adapter.peft_type == "LORA",
+        task_type=old.get("task_type"),
+    )
+    if adapter.peft_type != "LORA":
+        return new
+    # A LoRA keeps every other setting it had (layers_to_transform, exclude_modules, ...): only the ranks, the
+    # scales and the variants that a resize removes change.
+    kept = copy.deepcopy(old)
+    kept.update({key: new[key] for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "lora_bias")})
+    kept.update({"use_rslora": False, "use_dora": False})
+    return kept
