@@ -128,15 +128,26 @@ def sparsify(delta: torch.Tensor, options: CombineOptions, *, position: int, ten
 
 
 def combine_deltas(
-    deltas: list[torch.Tensor], weights: list[float], options: CombineOptions, *, tensor: str
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    options: CombineOptions,
+    *,
+    tensor: str,
+    positions: list[int] | None = None,
+    all_weights: list[float] | None = None,
 ) -> torch.Tensor:
-    """The combined delta of one tensor from each adapter's unweighted fp32 delta and its weight (steps 1-4)."""
+    """The combined delta of one tensor from each adapter's unweighted fp32 delta and its weight (steps 1-4).
+
+    `positions` are the adapters' places on the command line (for their DARE masks; default 0, 1, ...), and
+    `all_weights` every adapter's weight, also those that leave this tensor alone (a zero delta): mergekit's
+    normalized sum divides by all of them. A consensus never counts a zero delta, so it needs no more.
+    """
     if len(deltas) != len(weights) or not deltas:
         raise ValueError("one weight per delta, and at least one delta")
+    positions = list(range(len(deltas))) if positions is None else positions
     spec = options.spec
     weighted = [
-        sparsify(d, options, position=i, tensor=tensor) * w
-        for i, (d, w) in enumerate(zip(deltas, weights, strict=True))
+        sparsify(d, options, position=p, tensor=tensor) * w for d, w, p in zip(deltas, weights, positions, strict=True)
     ]
     if spec.consensus:
         if options.majority_sign == "total":
@@ -158,6 +169,6 @@ def combine_deltas(
     for e in weighted[1:]:
         mixed += e
     if options.normalized:
-        total = sum(weights)
+        total = sum(weights if all_weights is None else all_weights)
         mixed /= 1.0 if abs(total) < NORMALIZE_EPS else total
     return mixed

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from lora_cli.engine import Progress, WriteOptions, WriteSummary, write_merge
+from lora_cli.combine import CombineOptions
+from lora_cli.combined_merge import combine_transform
+from lora_cli.engine import Progress, WriteOptions, WriteSummary, write_merge, write_plan
 from lora_cli.plan import MergePlan
 from lora_cli.resolve import ResolvedSource
 from lora_cli.sources import AdapterSpec, prepare
@@ -18,10 +21,33 @@ def merge(
     options: WriteOptions | None = None,
     progress: Progress | None = None,
     on_plan: Callable[[MergePlan], None] | None = None,
+    combine: CombineOptions | None = None,
 ) -> WriteSummary:
-    """Merge `adapters` into `base` in order (one pass), writing a standalone checkpoint to `out`."""
+    """Merge `adapters` into `base` in order (one pass), writing a standalone checkpoint to `out`.
+
+    `combine` (other than plain `sum`) combines the adapters' deltas per tensor instead (TIES, DARE, ...): the
+    adapters are loaded at weight 1 and their weights go to the combination."""
     options = options or WriteOptions()
-    prepared = prepare(base, adapters, dtype=options.dtype)
+    combining = combine is not None and (combine.method != "sum" or combine.normalized)
+    specs = [replace(spec, weight=1.0) for spec in adapters] if combining else adapters
+    prepared = prepare(base, specs, dtype=options.dtype)
     if on_plan is not None:
         on_plan(prepared.plan)
-    return write_merge(prepared, out, options, progress)
+    if not combining:
+        return write_merge(prepared, out, options, progress)
+    assert combine is not None
+    weights = [spec.weight for spec in adapters]
+    record = prepared.record()
+    for entry, weight in zip(record["adapters"], weights, strict=True):  # type: ignore[call-overload]
+        entry["weight"] = weight
+    record["combine"] = asdict(combine)
+    return write_plan(
+        prepared.plan,
+        out,
+        combine_transform(prepared.adapters, weights, combine),
+        options,
+        operation="merge",
+        record=record,
+        inputs=prepared.input_paths,
+        progress=progress,
+    )

@@ -23,6 +23,7 @@ from lora_cli.cli._options import (
     VerifyOpt,
 )
 from lora_cli.cli._output import Output
+from lora_cli.combine import METHODS, CombineOptions
 from lora_cli.engine import WriteOptions
 from lora_cli.errors import AdapterMismatchError, InputError
 from lora_cli.merge import merge
@@ -38,6 +39,10 @@ Examples:
   loractl merge ./base ./a@0.7 ./b@0.3 ./merged            (weighted sum of deltas)
 
   loractl merge ./base ./lora ./merged --dtype float32 --max-shard-size 2GB --json
+
+  loractl merge ./base ./a@1 ./b@1 ./merged --combine ties --density 0.5          (TIES, as mergekit)
+
+  loractl merge ./base ./a@0.5 ./b@0.5 ./merged --combine dare_linear --density 0.3 --seed 7
 """
 
 
@@ -65,6 +70,32 @@ def merge_command(
         typer.Option("--strict", help="Refuse an adapter whose base_model_name_or_path names another model."),
     ] = False,
     verify: VerifyOpt = False,
+    combine: Annotated[
+        str,
+        typer.Option(
+            "--combine",
+            help=f"How the adapters' deltas combine, per tensor: {', '.join(METHODS)} (as mergekit 0.1.5 defines "
+            "them on fp32 deltas; sum, the default, applies them in order).",
+        ),
+    ] = "sum",
+    density: Annotated[
+        float, typer.Option("--density", help="Share of each delta kept by ties, dare_* and magnitude_prune.")
+    ] = 1.0,
+    majority_sign: Annotated[
+        str,
+        typer.Option("--majority-sign", help="TIES sign election: total (sign of the weighted sum) or frequency."),
+    ] = "total",
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            help="Seed of DARE's masks. Each adapter's mask on each tensor comes from (seed, its position, the "
+            "tensor's name): the same result on every machine, whatever the shard layout or tensor order.",
+        ),
+    ] = 0,
+    no_normalize: Annotated[
+        bool, typer.Option("--no-normalize", help="ties: do not divide by the sum of the agreeing weights.")
+    ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -94,9 +125,22 @@ def merge_command(
         lineage = source_lineage(base_source, [spec.source for spec in specs])
         if strict and lineage:
             raise AdapterMismatchError(lineage[0], fix="check the adapters and the base, or drop --strict")
+        combining = CombineOptions(
+            method=combine,
+            density=density,
+            majority_sign=majority_sign,
+            seed=seed,
+            normalize=False if no_normalize else None,
+        )
         with output.progress("merging") as bar:
             summary = merge(
-                base_source, specs, Path(out), options, progress=bar, on_plan=lambda p: bar.set_total(p.output_bytes)
+                base_source,
+                specs,
+                Path(out),
+                options,
+                progress=bar,
+                on_plan=lambda p: bar.set_total(p.output_bytes),
+                combine=combining,
             )
         summary.warnings[:0] = lineage
         render_summary(output, summary, "merge")
