@@ -144,3 +144,9 @@ def merge_command(
             )
         summary.warnings[:0] = lineage
         render_summary(output, summary, "merge")
+        if combining.method != "sum":
+            normalized = "normalized" if combining.normalized else "not normalized"
+            output.line(
+                f"combined with {combining.method} (density {combining.density:g}, "
+                f"majority sign {combining.majority_sign}, seed {combining.seed}, {normalized})"
+            )
