@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from lora_cli.adapter_writer import AdapterWriter, lora_config
-from lora_cli.adapters.base import Adapter, EditContext, TensorEdit, kind_for
+from lora_cli.adapters.base import Adapter, EditContext, kind_for
 from lora_cli.adapters.loading import load_adapter
 from lora_cli.errors import InputError, UnsupportedAdapterError
 from lora_cli.io.atomic import atomic_directory, check_output
 from lora_cli.lowrank import LowRank, Truncation, factored_svd, tensor_seed, truncated_svd
+from lora_cli.module_deltas import module_deltas
 
 FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESIZABLE = ("LORA", "LOHA", "LOKR")
@@ -55,67 +56,6 @@ class ResizeSummary:
     warnings: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Source:
-    """Where a module's delta comes from: LoRA factors (scale * B @ A, in PEFT's orientation) or a formed delta."""
-
-    module: str
-    layout: str  # "linear", "embedding", "conv" or "formed"
-    factors: tuple[str, str, float, int] | None = None  # (a_key, b_key, scale, rank)
-    edit: TensorEdit | None = None
-    shape: tuple[int, int] | None = None
-
-
-def _sources(adapter: Adapter, edits: list[TensorEdit]) -> tuple[list[_Source], list[tuple[str, str, float]]]:
-    """The resizable modules and the LoRA biases (module, key, scale). Until each edit describes its own form
-    (issue 12), this is the one place that knows the edit classes."""
-    sources: list[_Source] = []
-    biases: list[tuple[str, str, float]] = []
-    for edit in edits:
-        module = edit.target.rsplit(".", 1)[0]
-        if edit.kind == "dora":
-            raise UnsupportedAdapterError(
-                "is a DoRA adapter: its magnitude vector rescales W + delta, so a resized delta changes the merge",
-                path=adapter.directory,
-                fix="merge it (loractl merge) and extract a LoRA from the merged model with loractl extract",
-            )
-        if edit.kind == "lora":
-            f = edit.factors  # type: ignore[attr-defined]
-            sources.append(_Source(module, f.layout, (f.a_key, f.b_key, f.scaling, f.rank)))
-        elif edit.kind == "lora_bias" or edit.target.endswith(".bias"):
-            biases.append((module, edit.key, edit.scaling))  # type: ignore[attr-defined]
-        elif edit.kind in ("loha", "lokr"):
-            sources.append(_Source(module, "formed", edit=edit, shape=_linear_shape(adapter, edit)))
-        else:
-            raise UnsupportedAdapterError(f"holds a {edit.kind} edit on {edit.target}", path=adapter.directory)
-    return sources, biases
-
-
-def _linear_shape(adapter: Adapter, edit: TensorEdit) -> tuple[int, int]:
-    """The (out, in) shape of a linear LoHa/LoKr delta, read from its factor shapes."""
-    params: dict[str, str] = edit.params  # type: ignore[attr-defined]
-    shape = adapter.weights.shape
-    refuse = UnsupportedAdapterError(
-        f"{edit.target} is a convolution (CP or 4-D factors): only linear LoHa/LoKr modules are resized",
-        path=adapter.directory,
-        fix="exclude the module or merge the adapter and use loractl extract",
-    )
-    if any(name in params for name in ("hada_t1", "hada_t2", "lokr_t2")):
-        raise refuse
-    if edit.kind == "loha":
-        return shape(params["hada_w1_a"])[0], shape(params["hada_w1_b"])[1]
-
-    def side(full: str, a: str, b: str) -> tuple[int, ...]:
-        if full in params:
-            return shape(params[full])
-        return shape(params[a])[0], shape(params[b])[1]
-
-    w1, w2 = side("lokr_w1", "lokr_w1_a", "lokr_w1_b"), side("lokr_w2", "lokr_w2_a", "lokr_w2_b")
-    if len(w1) != 2 or len(w2) != 2:
-        raise refuse
-    return w1[0] * w2[0], w1[1] * w2[1]
-
-
 def resize(adapter_dir: Path, out: Path, options: ResizeOptions) -> ResizeSummary:
     started = time.perf_counter()
     how = options.truncation
@@ -141,7 +81,7 @@ def resize(adapter_dir: Path, out: Path, options: ResizeOptions) -> ResizeSummar
             path=adapter.directory,
             fix="merge it and extract a LoRA with loractl extract",
         )
-    sources, biases = _sources(adapter, kind_for(adapter).edits(adapter, lambda name: None))
+    sources, biases = module_deltas(adapter, kind_for(adapter).edits(adapter, lambda name: None))
     if not sources:
         raise InputError("has no module to resize", path=adapter.directory)
     needed = sum(adapter.weights.nbytes(key) for key in adapter.weights.keys())  # noqa: SIM118
