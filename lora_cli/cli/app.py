@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from lora_cli import __version__
+from lora_cli.cli.combine import COMBINE_EXAMPLES, combine_command
 from lora_cli.cli.demo import demo_command
 from lora_cli.cli.diff import DIFF_EXAMPLES, diff_command
 from lora_cli.cli.extract import EXTRACT_EXAMPLES, extract_command
@@ -34,6 +35,7 @@ app.command("memory", epilog=MEMORY_EXAMPLES)(memory_command)
 app.command("verify", epilog=VERIFY_EXAMPLES)(verify_command)
 app.command("extract", epilog=EXTRACT_EXAMPLES)(extract_command)
 app.command("resize", epilog=RESIZE_EXAMPLES)(resize_command)
+app.command("combine", epilog=COMBINE_EXAMPLES)(combine_command)
 app.command("demo")(demo_command)
 
 
