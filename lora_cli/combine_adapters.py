@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from lora_cli.adapter_writer import AdapterWriter, lora_config
-from lora_cli.adapters.base import Adapter, EditContext, kind_for
+from lora_cli.adapters.base import Adapter, EditContext
 from lora_cli.adapters.loading import load_adapter
+from lora_cli.adapters.registry import kind_for
 from lora_cli.combine import CombineOptions, combine_deltas
 from lora_cli.errors import InputError, UnsupportedAdapterError
 from lora_cli.io.atomic import atomic_directory, check_output
@@ -76,7 +77,7 @@ def _delta(source: ModuleDelta, adapter: Adapter) -> torch.Tensor:
         ctx = EditContext(adapter, torch.device("cpu"))
         return (ctx.load(b_key) @ ctx.load(a_key)) * scale
     assert source.edit is not None and source.shape is not None
-    return source.edit.delta(source.shape, EditContext(adapter, torch.device("cpu")))  # type: ignore[call-arg]
+    return source.edit.delta(source.shape, EditContext(adapter, torch.device("cpu")))
 
 
 def combine_adapters(
@@ -111,8 +112,6 @@ def combine_adapters(
                 fix="merge it with loractl merge instead",
             )
         for source in found:
-            if source.layout == "conv":
-                raise UnsupportedAdapterError(f"{source.module} is a convolution LoRA", path=adapter.directory)
             if options.method == "cat" and source.factors is None:
                 raise UnsupportedAdapterError(
                     f"is a {adapter.peft_type} adapter: cat stacks LoRA factors",

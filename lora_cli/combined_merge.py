@@ -34,12 +34,18 @@ def combine_transform(adapters: list[Adapter], weights: list[float], options: Co
         deltas: list[torch.Tensor] = []
         places: list[int] = []
         for edit in planned.edits:
-            # No workspace: each delta needs its own storage, as all of them are alive at once.
-            delta = edit.additive_delta(shape, EditContext(edit.adapter, device, work, None))
-            if delta is None or tuple(delta.shape) != shape:
+            if not edit.form.is_additive:
                 raise UnsupportedAdapterError(
-                    f"changes {planned.name} by a {edit.describe()} edit, not by adding a delta: "
+                    f"changes {planned.name} by a {edit.describe()} edit ({edit.form.kind}), not by adding a delta: "
                     f"--combine {options.method} needs deltas",
+                    path=edit.adapter.ref,
+                    fix="merge it separately, or drop --combine",
+                )
+            # No workspace: each delta needs its own storage, as all of them are alive at once.
+            delta = edit.delta(shape, EditContext(edit.adapter, device, work, None))
+            if tuple(delta.shape) != shape:
+                raise UnsupportedAdapterError(
+                    f"changes the shape of {planned.name}: --combine {options.method} needs same-shape deltas",
                     path=edit.adapter.ref,
                     fix="merge it separately, or drop --combine",
                 )

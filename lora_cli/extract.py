@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lora_cli.adapter_writer import AdapterWriter, lora_config, module_names
-from lora_cli.engine import pick_device
+from lora_cli.device import pick_device
 from lora_cli.errors import AdapterMismatchError, InputError, NonFiniteError
 from lora_cli.io.atomic import atomic_directory, check_output
 from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint

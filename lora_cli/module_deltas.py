@@ -14,39 +14,49 @@ class ModuleDelta:
     """Where a module's delta comes from: LoRA factors (scale * B @ A, in PEFT's orientation) or a formed delta."""
 
     module: str
-    layout: str  # "linear", "embedding", "conv" or "formed"
+    layout: str  # "linear", "embedding" or "formed"
     factors: tuple[str, str, float, int] | None = None  # (a_key, b_key, scale, rank)
     edit: TensorEdit | None = None
     shape: tuple[int, int] | None = None
 
 
 def module_deltas(adapter: Adapter, edits: list[TensorEdit]) -> tuple[list[ModuleDelta], list[tuple[str, str, float]]]:
-    """Every module's delta source and the LoRA biases (module, key, scale). Until each edit describes its own
-    form (issue 12), this is the one place that knows the edit classes."""
+    """Every module's delta source, asked of each edit's form, and the 1-D deltas carried by one adapter tensor
+    (LoRA's `lora_B.bias`) as (module, key, scale)."""
     sources: list[ModuleDelta] = []
     biases: list[tuple[str, str, float]] = []
     for edit in edits:
         module = edit.target.rsplit(".", 1)[0]
-        if edit.kind == "dora":
+        form = edit.form
+        if not form.is_additive:
             raise UnsupportedAdapterError(
-                "is a DoRA adapter: its magnitude vector rescales W + delta, so it has no delta to resize or combine",
+                f"changes {edit.target} by a {edit.describe()} edit ({form.kind}), not by adding a delta, so there "
+                "is no delta to resize or combine",
                 path=adapter.directory,
                 fix="merge it (loractl merge) and extract a LoRA from the merged model with loractl extract",
             )
-        if edit.kind == "lora":
-            f = edit.factors  # type: ignore[attr-defined]
-            sources.append(ModuleDelta(module, f.layout, (f.a_key, f.b_key, f.scaling, f.rank)))
-        elif edit.kind == "lora_bias" or edit.target.endswith(".bias"):
-            biases.append((module, edit.key, edit.scaling))  # type: ignore[attr-defined]
-        elif edit.kind in ("loha", "lokr"):
-            sources.append(ModuleDelta(module, "formed", edit=edit, shape=_linear_shape(adapter, edit)))
+        low = form.low_rank
+        if low is not None:
+            # PEFT's orientation is B @ A whatever the layer stores (the form's `transposed` says how it lands).
+            layout = "embedding" if "lora_embedding_A" in low.a_key else "linear"
+            sources.append(ModuleDelta(module, layout, (low.a_key, low.b_key, float(low.scale), low.rank)))
+        elif edit.target.endswith(".bias") and len(edit.adapter_keys()) == 1:
+            biases.append((module, edit.adapter_keys()[0], float(form.scale if form.scale is not None else 1.0)))
+        elif form.shape is not None and len(form.shape) != 2:
+            raise UnsupportedAdapterError(
+                f"{edit.target} is a convolution: only linear and embedding modules are taken",
+                path=adapter.directory,
+                fix="merge the adapter and use loractl extract",
+            )
         else:
-            raise UnsupportedAdapterError(f"holds a {edit.kind} edit on {edit.target}", path=adapter.directory)
+            shape = form.shape or _linear_shape(adapter, edit)
+            sources.append(ModuleDelta(module, "formed", edit=edit, shape=(int(shape[0]), int(shape[1]))))
     return sources, biases
 
 
 def _linear_shape(adapter: Adapter, edit: TensorEdit) -> tuple[int, int]:
-    """The (out, in) shape of a linear LoHa/LoKr delta, read from its factor shapes."""
+    """The (out, in) shape of a linear LoHa/LoKr delta, read from its factor shapes (their form gives only the
+    element count: the same factors fit a linear layer or a flattened convolution)."""
     params: dict[str, str] = edit.params  # type: ignore[attr-defined]
     shape = adapter.weights.shape
     refuse = UnsupportedAdapterError(

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from lora_cli.adapter_writer import AdapterWriter, lora_config
-from lora_cli.adapters.base import Adapter, EditContext, kind_for
+from lora_cli.adapters.base import Adapter, EditContext
 from lora_cli.adapters.loading import load_adapter
+from lora_cli.adapters.registry import kind_for
 from lora_cli.errors import InputError, UnsupportedAdapterError
 from lora_cli.io.atomic import atomic_directory, check_output
 from lora_cli.lowrank import LowRank, Truncation, factored_svd, tensor_seed, truncated_svd
@@ -100,17 +101,13 @@ def resize(adapter_dir: Path, out: Path, options: ResizeOptions) -> ResizeSummar
                 if source.factors is not None:
                     a_key, b_key, scale, old_rank = source.factors
                     a, b = wide.load(a_key), wide.load(b_key)
-                    a_shape, b_shape = a.shape, b.shape
-                    low = factored_svd(b.reshape(b.shape[0], -1) * scale, a.reshape(a.shape[0], -1), how)
+                    low = factored_svd(b * scale, a, how)
                     new_a, new_b = low.a, low.b
-                    if source.layout == "conv":  # lora_B is a 1x1 convolution: its factors reshape back
-                        new_a = new_a.reshape(new_a.shape[0], *a_shape[1:])
-                        new_b = new_b.reshape(b_shape[0], new_b.shape[1], *b_shape[2:])
                     delta_sq = float((low.singular.double() ** 2).sum()) / max(low.energy_kept, 1e-300)
                 else:
                     assert source.edit is not None and source.shape is not None
                     old_rank = None
-                    delta = source.edit.delta(source.shape, ctx)  # type: ignore[call-arg]
+                    delta = source.edit.delta(source.shape, ctx)
                     low = truncated_svd(delta, how, seed=tensor_seed(source.module))
                     new_a, new_b = low.a, low.b
                     delta_sq = float(torch.linalg.vector_norm(delta)) ** 2

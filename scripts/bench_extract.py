@@ -37,11 +37,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import synthetic  # a sibling module, importable once scripts/ is on the path
-from bench_merge import TreeSampler  # the same process-tree sampler as the merge benchmark
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO_ROOT)]
+import synthetic  # noqa: E402  (a sibling module, importable once scripts/ is on the path)
+
+from lora_cli.memstats import TreeSampler  # noqa: E402  (the same process-tree sampler as the merge benchmark)
+
 DEFAULT_MERGEKIT = Path("/tmp/mkvenv/bin/mergekit-extract-lora")
 MiB = 1 << 20
 

@@ -109,7 +109,7 @@ def test_combine_refuses_what_it_cannot_combine_in_one_line(inputs, tmp_path):
     make_adapter(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), tmp_path / "dora")
     make_adapter(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), tmp_path / "mts")
     for args, needle in [
-        ([inputs / "a", tmp_path / "dora", tmp_path / "x"], "DoRA"),
+        ([inputs / "a", tmp_path / "dora", tmp_path / "x"], "dora r=2"),
         ([inputs / "a", tmp_path / "mts", tmp_path / "x", "--method", "ties"], "modules_to_save"),
         ([inputs / "a", inputs / "b", tmp_path / "x", "--method", "slerp"], "slerp"),
         ([inputs / "a", inputs / "b", tmp_path / "x", "--rank", "2", "--energy", "0.5"], "at most one"),

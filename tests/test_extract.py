@@ -24,8 +24,9 @@ from typer.testing import CliRunner
 from lora_cli.cli.app import app
 from lora_cli.extract import ExtractOptions, extract
 from lora_cli.lowrank import Truncation
-from lora_cli.merge import AdapterSpec, local_source, merge
+from lora_cli.merge import merge
 from lora_cli.numerics import ulps
+from lora_cli.sources import AdapterSpec, local_source
 from tests.builders import MLP, load_merged, logits_of, make_adapter, save_base, tiny_gpt2, tiny_llama, tiny_mlp
 
 runner = CliRunner()

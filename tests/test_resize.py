@@ -127,7 +127,7 @@ def test_biases_and_modules_to_save_are_carried_over(tmp_path):
 def test_dora_and_bad_options_are_refused_in_one_line(lora, tmp_path):
     make_adapter(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), tmp_path / "dora")
     for args, needle in [
-        ([tmp_path / "dora", tmp_path / "x", "--rank", "1"], "DoRA"),
+        ([tmp_path / "dora", tmp_path / "x", "--rank", "1"], "not by adding a delta"),
         ([lora, tmp_path / "x", "--rank", "1", "--energy", "0.5"], "exactly one of"),
         ([lora, tmp_path / "x", "--rank", "0"], "at least 1"),
     ]:
