@@ -25,6 +25,7 @@ from lora_cli.errors import InputError, UnsupportedAdapterError
 from lora_cli.io.atomic import atomic_directory, check_output
 from lora_cli.lowrank import Truncation, tensor_seed, truncated_svd
 from lora_cli.module_deltas import ModuleDelta, module_deltas
+from lora_cli.peft_weighted import PeftCombine, check_peft, peft_config, peft_module
 
 FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_METHODS = ("cat", "sum", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -33,13 +34,14 @@ ADAPTER_METHODS = ("cat", "sum", "ties", "dare_linear", "dare_ties", "magnitude_
 @dataclass(frozen=True)
 class CombineAdaptersOptions:
     method: str = "cat"
-    density: float = 1.0
+    density: float | None = None  # None: 1 (no sparsification), except under peft_compatible (PEFT needs one)
     majority_sign: str = "total"
     seed: int = 0
     normalize: bool | None = None
     truncation: Truncation | None = None  # None: every module at the largest input rank (PEFT's svd default)
     dtype: str = "float32"
     overwrite: bool = False
+    peft_compatible: bool = False  # follow PEFT's add_weighted_adapter (lora_cli.peft_weighted) instead
 
 
 @dataclass
@@ -84,6 +86,8 @@ def combine_adapters(
     adapter_dirs: list[Path], weights: list[float], out: Path, options: CombineAdaptersOptions
 ) -> CombineSummary:
     started = time.perf_counter()
+    if options.peft_compatible:
+        return _combine_as_peft(adapter_dirs, weights, out, options, started)
     if options.method not in ADAPTER_METHODS:
         raise InputError(f"--method {options.method!r} is not one of {', '.join(ADAPTER_METHODS)}")
     if options.dtype not in FACTOR_DTYPES:
@@ -94,7 +98,7 @@ def combine_adapters(
     if options.method != "cat":
         combine = CombineOptions(
             method=options.method,
-            density=options.density,
+            density=1.0 if options.density is None else options.density,
             majority_sign=options.majority_sign,
             seed=options.seed,
             normalize=options.normalize,
@@ -200,3 +204,67 @@ def _target_modules(adapters: list[Adapter], modules: list[str]) -> list[str]:
     if plain:
         return sorted({name for names in lists for name in names})  # type: ignore[union-attr]
     return sorted(modules)
+
+
+def _combine_as_peft(
+    adapter_dirs: list[Path], weights: list[float], out: Path, options: CombineAdaptersOptions, started: float
+) -> CombineSummary:
+    """`--peft-compatible`: the adapter PEFT's add_weighted_adapter would make, saved as PEFT saves it."""
+    if options.dtype not in FACTOR_DTYPES:
+        raise InputError(f"--dtype {options.dtype!r} is not one of {', '.join(FACTOR_DTYPES)}")
+    if options.truncation is not None and options.truncation.rank is None:
+        raise InputError("--peft-compatible truncates to a rank (PEFT's svd_rank): pass --rank, not --energy")
+    peft = PeftCombine(
+        combination_type=options.method,
+        svd_rank=options.truncation.rank if options.truncation else None,
+        density=options.density,
+        majority_sign=options.majority_sign,
+        seed=options.seed,
+    )
+    adapters = [load_adapter(path) for path in adapter_dirs]
+    kind, new_rank, new_targets = check_peft(adapters, peft)
+    sources: list[dict[str, ModuleDelta]] = []
+    for adapter in adapters:
+        if adapter.peft_type != "LORA":
+            raise UnsupportedAdapterError(
+                f"is a {adapter.peft_type} adapter: PEFT's add_weighted_adapter combines LoRA only",
+                path=adapter.directory,
+                fix="drop --peft-compatible, or loractl resize it to a LoRA first",
+            )
+        found, biases = module_deltas(adapter, kind_for(adapter).edits(adapter, lambda name: None))
+        if biases:
+            raise UnsupportedAdapterError(
+                "has lora_bias tensors, which PEFT's add_weighted_adapter leaves at zero",
+                path=adapter.directory,
+                fix="drop --peft-compatible",
+            )
+        sources.append({source.module: source for source in found})
+    order = list(dict.fromkeys(module for found in sources for module in found))
+    needed = sum(a.weights.nbytes(k) for a in adapters for k in a.weights.keys())  # noqa: SIM118
+    check_output(out, list(adapter_dirs), overwrite=options.overwrite, needed_bytes=needed)
+    dtype = FACTOR_DTYPES[options.dtype]
+    modules: list[CombinedModule] = []
+    with atomic_directory(out, overwrite=options.overwrite) as tmp:
+        writer = AdapterWriter(tmp)
+        try:
+            for module in order:
+                present = [(i, found[module]) for i, found in enumerate(sources) if module in found]
+                result = peft_module(module, present, adapters, weights, kind, new_rank, peft)
+                writer.add_lora(
+                    module, result.a.to(dtype), result.b.to(dtype), alpha=new_rank, embedding=result.embedding
+                )
+                modules.append(CombinedModule(module, len(present), int(result.a.shape[0]), result.energy_kept))
+            config = peft_config(adapters, new_rank, new_targets)
+            writer.finish(config)
+        except BaseException:
+            writer.abort()
+            raise
+    kept = [m.energy_kept for m in modules if m.energy_kept is not None]
+    return CombineSummary(
+        output=str(out),
+        method=f"{kind} (PEFT)",
+        modules=modules,
+        energy_kept=sum(kept) / len(kept) if kept else None,
+        seconds=time.perf_counter() - started,
+        config=config,
+    )

@@ -24,6 +24,8 @@ Examples:
   loractl combine ./a ./b ./ab --method ties --density 0.5 --rank 16
 
   loractl combine ./a ./b ./ab --method dare_linear --density 0.3 --seed 7 --energy 0.95
+
+  loractl combine ./a@1 ./b@1 ./ab --peft-compatible --method ties_svd --density 0.5 --rank 8
 """
 
 
@@ -39,7 +41,9 @@ def combine_command(
     method: Annotated[
         str, typer.Option("--method", help=f"One of {', '.join(ADAPTER_METHODS)} (see loractl merge --help).")
     ] = "cat",
-    density: Annotated[float, typer.Option("--density", help="Share of each delta kept (ties, dare_*, ...).")] = 1.0,
+    density: Annotated[
+        float | None, typer.Option("--density", help="Share of each delta kept (ties, dare_*, ...; default 1).")
+    ] = None,
     majority_sign: Annotated[
         str, typer.Option("--majority-sign", help="TIES sign election: total or frequency.")
     ] = "total",
@@ -58,6 +62,15 @@ def combine_command(
         int | None, typer.Option("--max-rank", help="Cap on any module's rank (with --energy).")
     ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="dtype of the written factors.")] = "float32",
+    peft_compatible: Annotated[
+        bool,
+        typer.Option(
+            "--peft-compatible",
+            help="Follow PEFT's add_weighted_adapter exactly (--method linear, cat, svd, ties, ties_svd, "
+            "dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd; --rank "
+            "is svd_rank), quirks included: see README. Its DARE masks match PEFT's only in distribution.",
+        ),
+    ] = False,
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -94,6 +107,7 @@ def combine_command(
             truncation=truncation,
             dtype=dtype.lower(),
             overwrite=overwrite,
+            peft_compatible=peft_compatible,
         )
         summary = combine_adapters([Path(ref) for ref, _ in parsed], [w for _, w in parsed], Path(out), options)
     output.json(summary)
