@@ -117,3 +117,17 @@ def test_combine_refuses_an_adapter_without_a_delta_in_one_line(inputs, tmp_path
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
     bad = invoke(inputs / "base", inputs / "a", tmp_path / "x", "--combine", "slerp")
     assert bad.exit_code == 2 and "slerp" in bad.output
+
+
+def test_diff_proves_a_combined_merge_and_catches_the_wrong_combination(inputs, tmp_path):
+    a, b = f"{inputs / 'a'}@0.7", f"{inputs / 'b'}@0.5"
+    args = ["--combine", "dare_ties", "--density", "0.5", "--seed", "2"]
+    assert invoke(inputs / "base", a, b, tmp_path / "out", *args).exit_code == 0
+    check = ["diff", str(inputs / "base"), str(tmp_path / "out"), "--adapter", a, "--adapter", b, "--json"]
+    proved = runner.invoke(app, [*check, *args])
+    assert proved.exit_code == 0, proved.output
+    assert json.loads(proved.output)["adapter_check"]["verdict"] in ("exact", "pass")
+    for wrong in ([], ["--combine", "dare_ties", "--density", "0.5", "--seed", "3"]):
+        refuted = runner.invoke(app, [*check, *wrong])
+        assert refuted.exit_code == 1, refuted.output
+        assert json.loads(refuted.output)["adapter_check"]["verdict"] == "fail"

@@ -12,18 +12,23 @@ from lora_cli.cli._common import check_dtype, parse_size, render_summary, resolv
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import (
     AdapterRevisionOpt,
+    CombineOpt,
     DebugOpt,
+    DensityOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    MajoritySignOpt,
     MaxShardOpt,
+    NoNormalizeOpt,
     OverwriteOpt,
     QuietOpt,
     RevisionOpt,
+    SeedOpt,
     VerifyOpt,
 )
 from lora_cli.cli._output import Output
-from lora_cli.combine import METHODS, CombineOptions
+from lora_cli.combine import CombineOptions
 from lora_cli.engine import WriteOptions
 from lora_cli.errors import AdapterMismatchError, InputError
 from lora_cli.merge import merge
@@ -70,32 +75,11 @@ def merge_command(
         typer.Option("--strict", help="Refuse an adapter whose base_model_name_or_path names another model."),
     ] = False,
     verify: VerifyOpt = False,
-    combine: Annotated[
-        str,
-        typer.Option(
-            "--combine",
-            help=f"How the adapters' deltas combine, per tensor: {', '.join(METHODS)} (as mergekit 0.1.5 defines "
-            "them on fp32 deltas; sum, the default, applies them in order).",
-        ),
-    ] = "sum",
-    density: Annotated[
-        float, typer.Option("--density", help="Share of each delta kept by ties, dare_* and magnitude_prune.")
-    ] = 1.0,
-    majority_sign: Annotated[
-        str,
-        typer.Option("--majority-sign", help="TIES sign election: total (sign of the weighted sum) or frequency."),
-    ] = "total",
-    seed: Annotated[
-        int,
-        typer.Option(
-            "--seed",
-            help="Seed of DARE's masks. Each adapter's mask on each tensor comes from (seed, its position, the "
-            "tensor's name): the same result on every machine, whatever the shard layout or tensor order.",
-        ),
-    ] = 0,
-    no_normalize: Annotated[
-        bool, typer.Option("--no-normalize", help="ties: do not divide by the sum of the agreeing weights.")
-    ] = False,
+    combine: CombineOpt = "sum",
+    density: DensityOpt = 1.0,
+    majority_sign: MajoritySignOpt = "total",
+    seed: SeedOpt = 0,
+    no_normalize: NoNormalizeOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
