@@ -25,7 +25,7 @@ from lora_cli.errors import InputError, UnsupportedAdapterError
 from lora_cli.io.atomic import atomic_directory, check_output
 from lora_cli.lowrank import Truncation, tensor_seed, truncated_svd
 from lora_cli.module_deltas import ModuleDelta, module_deltas
-from lora_cli.peft_weighted import PeftCombine, check_peft, peft_config, peft_module
+from lora_cli.peft_weighted import PeftCombine, write_peft_weighted_adapter
 
 FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_METHODS = ("cat", "sum", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -221,50 +221,16 @@ def _combine_as_peft(
         majority_sign=options.majority_sign,
         seed=options.seed,
     )
-    adapters = [load_adapter(path) for path in adapter_dirs]
-    kind, new_rank, new_targets = check_peft(adapters, peft)
-    sources: list[dict[str, ModuleDelta]] = []
-    for adapter in adapters:
-        if adapter.peft_type != "LORA":
-            raise UnsupportedAdapterError(
-                f"is a {adapter.peft_type} adapter: PEFT's add_weighted_adapter combines LoRA only",
-                path=adapter.directory,
-                fix="drop --peft-compatible, or loractl resize it to a LoRA first",
-            )
-        found, biases = module_deltas(adapter, kind_for(adapter).edits(adapter, lambda name: None))
-        if biases:
-            raise UnsupportedAdapterError(
-                "has lora_bias tensors, which PEFT's add_weighted_adapter leaves at zero",
-                path=adapter.directory,
-                fix="drop --peft-compatible",
-            )
-        sources.append({source.module: source for source in found})
-    order = list(dict.fromkeys(module for found in sources for module in found))
-    needed = sum(a.weights.nbytes(k) for a in adapters for k in a.weights.keys())  # noqa: SIM118
-    check_output(out, list(adapter_dirs), overwrite=options.overwrite, needed_bytes=needed)
-    dtype = FACTOR_DTYPES[options.dtype]
-    modules: list[CombinedModule] = []
-    with atomic_directory(out, overwrite=options.overwrite) as tmp:
-        writer = AdapterWriter(tmp)
-        try:
-            for module in order:
-                present = [(i, found[module]) for i, found in enumerate(sources) if module in found]
-                result = peft_module(module, present, adapters, weights, kind, new_rank, peft)
-                writer.add_lora(
-                    module, result.a.to(dtype), result.b.to(dtype), alpha=new_rank, embedding=result.embedding
-                )
-                modules.append(CombinedModule(module, len(present), int(result.a.shape[0]), result.energy_kept))
-            config = peft_config(adapters, new_rank, new_targets)
-            writer.finish(config)
-        except BaseException:
-            writer.abort()
-            raise
+    written = write_peft_weighted_adapter(
+        adapter_dirs, weights, out, peft, dtype=FACTOR_DTYPES[options.dtype], overwrite=options.overwrite
+    )
+    modules = [CombinedModule(m.module, m.inputs, m.rank, m.energy_kept) for m in written.modules]
     kept = [m.energy_kept for m in modules if m.energy_kept is not None]
     return CombineSummary(
         output=str(out),
-        method=f"{kind} (PEFT)",
+        method=f"{written.kind} (PEFT)",
         modules=modules,
         energy_kept=sum(kept) / len(kept) if kept else None,
         seconds=time.perf_counter() - started,
-        config=config,
+        config=written.config,
     )

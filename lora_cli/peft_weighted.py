@@ -24,13 +24,18 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from lora_cli.adapter_writer import AdapterWriter
 from lora_cli.adapters.base import Adapter, EditContext
+from lora_cli.adapters.loading import load_adapter
+from lora_cli.adapters.registry import kind_for
 from lora_cli.combine import dare_generator
 from lora_cli.errors import InputError, UnsupportedAdapterError
-from lora_cli.module_deltas import ModuleDelta
+from lora_cli.io.atomic import atomic_directory, check_output
+from lora_cli.module_deltas import ModuleDelta, module_deltas
 
 PEFT_TYPES = (
     "svd",
@@ -138,7 +143,10 @@ def _config_rank(adapter: Adapter) -> int:
 def check_peft(adapters: list[Adapter], options: PeftCombine) -> tuple[str, int, object]:
     """_check_add_weighted_adapter: (combination type, new rank, new target_modules), or PEFT's refusal."""
     if options.combination_type not in PEFT_TYPES:
-        raise InputError(f"--method {options.combination_type!r} is not one of PEFT's {', '.join(PEFT_TYPES)}")
+        raise InputError(
+            f"combination type {options.combination_type!r} is not one of PEFT's: {', '.join(PEFT_TYPES)}",
+            fix="name one with --method (combine) or --combine (merge)",
+        )
     for adapter in adapters:
         if adapter.config.get("target_parameters"):
             raise UnsupportedAdapterError(
@@ -258,3 +266,68 @@ def peft_config(adapters: list[Adapter], new_rank: int, new_targets: object) -> 
     config = copy.deepcopy(adapters[0].config)
     config.update(r=new_rank, lora_alpha=new_rank, target_modules=new_targets, alpha_pattern={}, rank_pattern={})
     return config
+
+
+@dataclass
+class PeftModuleReport:
+    module: str
+    inputs: int
+    rank: int
+    energy_kept: float | None
+
+
+@dataclass
+class PeftWritten:
+    kind: str  # the combination type PEFT ran (one adapter: linear)
+    modules: list[PeftModuleReport]
+    config: dict[str, object]
+
+
+def write_peft_weighted_adapter(
+    adapter_dirs: list[Path],
+    weights: list[float],
+    out: Path,
+    options: PeftCombine,
+    *,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> PeftWritten:
+    """Write to `out` the adapter add_weighted_adapter would make from these LoRA adapters, as PEFT saves it."""
+    adapters = [load_adapter(path) for path in adapter_dirs]
+    kind, new_rank, new_targets = check_peft(adapters, options)
+    sources: list[dict[str, ModuleDelta]] = []
+    for adapter in adapters:
+        if adapter.peft_type != "LORA":
+            raise UnsupportedAdapterError(
+                f"is a {adapter.peft_type} adapter: PEFT's add_weighted_adapter combines LoRA only",
+                path=adapter.directory,
+                fix="drop --peft-compatible, or loractl resize it to a LoRA first",
+            )
+        found, biases = module_deltas(adapter, kind_for(adapter).edits(adapter, lambda name: None))
+        if biases:
+            raise UnsupportedAdapterError(
+                "has lora_bias tensors, which PEFT's add_weighted_adapter leaves at zero",
+                path=adapter.directory,
+                fix="drop --peft-compatible",
+            )
+        sources.append({source.module: source for source in found})
+    order = list(dict.fromkeys(module for found in sources for module in found))
+    needed = sum(a.weights.nbytes(k) for a in adapters for k in a.weights.keys())  # noqa: SIM118
+    check_output(out, list(adapter_dirs), overwrite=overwrite, needed_bytes=needed)
+    modules: list[PeftModuleReport] = []
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        writer = AdapterWriter(tmp)
+        try:
+            for module in order:
+                present = [(i, found[module]) for i, found in enumerate(sources) if module in found]
+                result = peft_module(module, present, adapters, weights, kind, new_rank, options)
+                writer.add_lora(
+                    module, result.a.to(dtype), result.b.to(dtype), alpha=new_rank, embedding=result.embedding
+                )
+                modules.append(PeftModuleReport(module, len(present), int(result.a.shape[0]), result.energy_kept))
+            config = peft_config(adapters, new_rank, new_targets)
+            writer.finish(config)
+        except BaseException:
+            writer.abort()
+            raise
+    return PeftWritten(kind, modules, config)

@@ -106,3 +106,28 @@ def test_peft_refusals_are_one_line_errors(adapters, tmp_path):
     # Unequal ranks are fine for cat and the SVD methods (PEFT: the sum, or the largest rank).
     report = ours([adapters / "a", adapters / "r2"], [1.0, 1.0], tmp_path / "cat", "--method", "cat")
     assert {m["rank"] for m in report["modules"]} == {6}
+
+
+@pytest.mark.parametrize("combination_type", ["ties", "svd", "cat"])
+def test_merge_peft_compatible_equals_peft_add_weighted_then_merge_and_unload(adapters, tmp_path, combination_type):
+    from tests.builders import load_merged, save_base
+
+    save_base(tiny_llama(), tmp_path / "base")
+    refs = [f"{adapters / 'a'}@0.7", f"{adapters / 'b'}@-0.5"]
+    args = ["--peft-compatible", "--combine", combination_type, "--density", "0.5", "-q"]
+    result = runner.invoke(app, ["merge", str(tmp_path / "base"), *refs, str(tmp_path / "out"), *args])
+    assert result.exit_code == 0, result.output
+    assert not list(tmp_path.glob(".loractl-peft-*"))  # the combined adapter was a temporary
+    kwargs = {"density": 0.5} if combination_type == "ties" else {}
+    model = peft_combined(
+        [adapters / "a", adapters / "b"], [0.7, -0.5], tmp_path / "peft", combination_type=combination_type, **kwargs
+    )
+    for name in ("in0", "in1"):
+        model.delete_adapter(name)
+    expected = model.merge_and_unload().state_dict()
+    merged = load_merged(tmp_path / "out")
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, expected[name]), name
+    provenance = json.loads((tmp_path / "out" / "loractl.json").read_text())
+    assert provenance["peft_combination"]["combination_type"] == combination_type
+    assert [a["weight"] for a in provenance["adapters"]] == [0.7, -0.5]

@@ -32,6 +32,7 @@ from lora_cli.combine import CombineOptions
 from lora_cli.engine import WriteOptions
 from lora_cli.errors import AdapterMismatchError, InputError
 from lora_cli.merge import merge
+from lora_cli.peft_weighted import PeftCombine
 from lora_cli.resolve import resolve
 
 MERGE_EXAMPLES = """
@@ -80,6 +81,18 @@ def merge_command(
     majority_sign: MajoritySignOpt = "total",
     seed: SeedOpt = 0,
     no_normalize: NoNormalizeOpt = False,
+    peft_compatible: Annotated[
+        bool,
+        typer.Option(
+            "--peft-compatible",
+            help="Combine as PEFT's add_weighted_adapter does, then merge: --combine takes its combination_type "
+            "(linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, "
+            "magnitude_prune, magnitude_prune_svd), quirks included (README). DARE matches PEFT in distribution only.",
+        ),
+    ] = False,
+    svd_rank: Annotated[
+        int | None, typer.Option("--svd-rank", help="With --peft-compatible: PEFT's svd_rank (default the largest).")
+    ] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -109,6 +122,16 @@ def merge_command(
         lineage = source_lineage(base_source, [spec.source for spec in specs])
         if strict and lineage:
             raise AdapterMismatchError(lineage[0], fix="check the adapters and the base, or drop --strict")
+        peft = None
+        if peft_compatible:
+            peft = PeftCombine(
+                combination_type=combine,
+                svd_rank=svd_rank,
+                density=density,
+                majority_sign=majority_sign,
+                seed=seed,
+            )
+            combine = "sum"  # the combination happens in PEFT's way, before the merge
         combining = CombineOptions(
             method=combine,
             density=density,
@@ -125,10 +148,13 @@ def merge_command(
                 progress=bar,
                 on_plan=lambda p: bar.set_total(p.output_bytes),
                 combine=combining,
+                peft=peft,
             )
         summary.warnings[:0] = lineage
         render_summary(output, summary, "merge")
-        if combining.method != "sum":
+        if peft is not None:
+            output.line(f"combined as PEFT's add_weighted_adapter(combination_type={peft.combination_type!r})")
+        elif combining.method != "sum":
             normalized = "normalized" if combining.normalized else "not normalized"
             output.line(
                 f"combined with {combining.method} (density {combining.density:g}, "
