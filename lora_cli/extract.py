@@ -182,8 +182,8 @@ def extract(
         if not all_finite(new):
             raise NonFiniteError(f"tensor {name} holds NaN or Inf", path=tuned.directory, fix="the fine-tune is broken")
         if new.ndim == 2 and kind in ("linear", "conv1d") and name.endswith(".weight"):
-            delta = new.to(device).float()
-            delta.sub_(old.to(device).float())
+            delta = new.to(device=device, dtype=torch.float32)
+            delta.sub_(old.to(device))  # promoted element by element: no second fp32 copy of the weight
             if kind == "conv1d":  # stored [in, out]; PEFT's fan_in_fan_out LoRA transposes B @ A
                 delta = delta.T
             low = truncated_svd(delta, how, seed=tensor_seed(name))

@@ -133,7 +133,7 @@ def factored_svd(b: torch.Tensor, a: torch.Tensor, how: Truncation) -> LowRank:
     return LowRank(new_a.contiguous(), new_b.contiguous(), s[:k].clone(), kept, "factored")
 
 
-def relative_error(delta: torch.Tensor, low: LowRank, *, rows_per_chunk: int = 4096) -> float:
+def relative_error(delta: torch.Tensor, low: LowRank, *, rows_per_chunk: int = 1024) -> float:
     """||delta - b @ a|| / ||delta|| (Frobenius), by row blocks so that no second delta-sized tensor exists."""
     total = float(torch.linalg.vector_norm(delta)) ** 2
     if total == 0:
