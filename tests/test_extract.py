@@ -254,3 +254,17 @@ def test_cli_reports_json_and_refuses_bad_input_in_one_line(fp32_merge, tmp_path
     assert not (tmp_path / "same").exists() and not list(tmp_path.glob(".same*"))
     exists = runner.invoke(app, ["extract", str(root / "base"), str(root / "merged"), str(tmp_path / "ex"), "-r", "2"])
     assert exists.exit_code == 2 and "already exists" in exists.output
+
+
+@pytest.mark.cuda
+def test_extract_on_cuda_gives_the_adapter_the_cpu_gives(fp32_merge, tmp_path):
+    root = fp32_merge
+    cpu = extract(root / "base", root / "merged", tmp_path / "cpu", options(rank=4))
+    gpu_options = ExtractOptions(truncation=Truncation(rank=4), device="cuda")
+    gpu = extract(root / "base", root / "merged", tmp_path / "gpu", gpu_options)
+    assert gpu.device.startswith("cuda") and gpu.peak_gpu_bytes
+    assert [m.rank for m in gpu.modules] == [m.rank for m in cpu.modules]
+    assert gpu.relative_error < 1e-5
+    expected = PeftModel.from_pretrained(tiny_llama(), tmp_path / "cpu").eval()
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "gpu").eval()
+    torch.testing.assert_close(logits_of(model, INPUTS), logits_of(expected, INPUTS), atol=1e-4, rtol=0)
