@@ -88,6 +88,9 @@ def extract_command(
         str, typer.Option("--dtype", help="dtype of the written factors: float32, bfloat16 or float16.")
     ] = "float32",
     revision: RevisionOpt = None,
+    tuned_revision: Annotated[
+        str | None, typer.Option("--tuned-revision", help="Branch, tag or commit of TUNED when it is a Hub repo id.")
+    ] = None,
     device: DeviceOpt = "auto",
     overwrite: OverwriteOpt = False,
     json_output: JsonOpt = False,
@@ -115,7 +118,7 @@ def extract_command(
             overwrite=overwrite,
         )
         base_source = resolve(base, role="base", revision=revision)
-        tuned_source = resolve(tuned, role="base", revision=revision)
+        tuned_source = resolve(tuned, role="base", revision=tuned_revision)
         with output.progress("extracting") as bar:
             summary = extract(
                 base_source.path,
