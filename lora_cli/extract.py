@@ -153,8 +153,12 @@ def extract(
     kinds = module_kinds(tuned.config(), list(tuned.tensors))
     jobs = [name for name in base.tensors if _selected(_module(name), options.include, options.exclude)]
     excluded = len(base.tensors) - len(jobs)
-    # Extraction writes at most the changed tensors; checking for TUNED's size is the safe bound.
-    check_output(out, [base_dir, tuned_dir], overwrite=options.overwrite, needed_bytes=tuned.total_bytes // 4)
+    check_output(
+        out,
+        [base_dir, tuned_dir],
+        overwrite=options.overwrite,
+        needed_bytes=_largest_output(tuned, jobs, kinds, how, factor_dtype),
+    )
     if on_total is not None:
         on_total(sum(base.tensors[n].nbytes + tuned.tensors[n].nbytes for n in jobs))
 
@@ -290,3 +294,20 @@ def _task_type(config: dict | None) -> str | None:
     architectures = (config or {}).get("architectures") or []
     causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
     return "CAUSAL_LM" if causal else None
+
+
+def _largest_output(
+    tuned: CheckpointIndex, jobs: list[str], kinds: dict[str, str], how: Truncation, dtype: torch.dtype
+) -> int:
+    """The most the adapter can take on disk: every linear weight changed at the largest rank it may get (the
+    smaller side when only --energy bounds it), every other tensor saved whole."""
+    total = 0
+    for name in jobs:
+        info = tuned.tensors[name]
+        if len(info.shape) == 2 and kinds.get(_module(name)) in ("linear", "conv1d"):
+            rows, cols = info.shape
+            rank = min(rows, cols, how.rank or how.max_rank or min(rows, cols))
+            total += (rows + cols) * rank * dtype.itemsize
+        else:
+            total += info.nbytes
+    return total
