@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from lora_cli.adapters.base import Workspace
 from lora_cli.checkpoint_files import read_provenance
+from lora_cli.combine import CombineOptions
+from lora_cli.combined_merge import combine_transform
 from lora_cli.components import COMPONENTS, GROUPS, classify
 from lora_cli.device import exact_device
-from lora_cli.engine import apply_edits
+from lora_cli.engine import Transform, apply_edits
 from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
 from lora_cli.io.safetensors_file import TensorInfo, read_tensor
 from lora_cli.memstats import MemoryMonitor
@@ -298,6 +300,7 @@ def check_against_plan(
     device: torch.device,
     bound: float,
     workspace: Workspace,
+    transform: Transform = apply_edits,
 ) -> None:
     """Recompute the merge of one edited tensor and measure B against it in ulps of B's dtype.
 
@@ -308,7 +311,7 @@ def check_against_plan(
     if b is None or tuple(b.shape) != tuple(planned.output.shape):
         record.adapter_ok = False
         return
-    expected = apply_edits(planned, source, device, workspace).cpu()
+    expected = transform(planned, source, device, workspace, None).cpu()
     worst, exact = 0.0, 0
     flat_w, flat_e, flat_b = source.reshape(-1), expected.reshape(-1), b.reshape(-1)
     same_shape_w = flat_w.numel() == flat_e.numel()
@@ -346,12 +349,19 @@ def diff(
     adapters: list[AdapterSpec] | None = None,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    combine: CombineOptions | None = None,
 ) -> DiffResult:
-    """Compare checkpoints A and B tensor by tensor; with `adapters`, also check that B is A merged with them."""
+    """Compare checkpoints A and B tensor by tensor; with `adapters`, also check that B is A merged with them
+    (combined per tensor as `merge --combine` does when `combine` is given)."""
     options = options or DiffOptions()
     planned: dict[str, PlannedTensor] = {}
+    transform: Transform = apply_edits
     if adapters:
-        prepared = prepare(a, adapters)
+        combining = combine is not None and (combine.method != "sum" or combine.normalized)
+        prepared = prepare(a, [replace(spec, weight=1.0) for spec in adapters] if combining else adapters)
+        if combining:
+            assert combine is not None
+            transform = combine_transform(prepared.adapters, [spec.weight for spec in adapters], combine)
         index_a = prepared.index
         planned = {t.name: t for t in prepared.plan.tensors if t.edits}
     else:
@@ -379,7 +389,7 @@ def diff(
         record = compare_tensors(name, ta, tb, options)
         if adapters:
             if name in planned:
-                check_against_plan(record, planned[name], source, tb, device, options.max_ulps, workspace)
+                check_against_plan(record, planned[name], source, tb, device, options.max_ulps, workspace, transform)
             else:
                 record.adapter_edited = False
                 record.adapter_ok = record.status in ("identical", "dtype_mismatch")

@@ -14,7 +14,7 @@ import pytest
 
 import lora_cli
 
-COMMANDS = ("demo", "diff", "inspect", "memory", "merge", "unmerge", "verify")
+COMMANDS = ("demo", "diff", "extract", "inspect", "memory", "merge", "resize", "unmerge", "verify")
 PACKAGE = Path(lora_cli.__file__).parent
 ALLOWED: set[tuple[str, str]] = set()
 

@@ -43,3 +43,30 @@ VerifyOpt = Annotated[
 ]
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+
+# `--combine` and its parameters, shared by merge and diff (the same names and meanings in both).
+CombineOpt = Annotated[
+    str,
+    typer.Option(
+        "--combine",
+        help="How the adapters' deltas combine, per tensor: sum (the default: applied in order), ties, dare_linear, "
+        "dare_ties or magnitude_prune, as mergekit 0.1.5 defines them on fp32 deltas.",
+    ),
+]
+DensityOpt = Annotated[
+    float, typer.Option("--density", help="Share of each delta kept by ties, dare_* and magnitude_prune.")
+]
+MajoritySignOpt = Annotated[
+    str, typer.Option("--majority-sign", help="TIES sign election: total (sign of the weighted sum) or frequency.")
+]
+SeedOpt = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        help="Seed of DARE's masks. Each adapter's mask on each tensor comes from (seed, its position, the tensor's "
+        "name): the same result on every machine, whatever the shard layout or tensor order.",
+    ),
+]
+NoNormalizeOpt = Annotated[
+    bool, typer.Option("--no-normalize", help="ties: do not divide by the sum of the agreeing weights.")
+]

@@ -7,11 +7,14 @@ from typing import Annotated
 import typer
 
 from lora_cli import __version__
+from lora_cli.cli.combine import COMBINE_EXAMPLES, combine_command
 from lora_cli.cli.demo import demo_command
 from lora_cli.cli.diff import DIFF_EXAMPLES, diff_command
+from lora_cli.cli.extract import EXTRACT_EXAMPLES, extract_command
 from lora_cli.cli.inspect import INSPECT_EXAMPLES, inspect_command
 from lora_cli.cli.memory import MEMORY_EXAMPLES, memory_command
 from lora_cli.cli.merge import MERGE_EXAMPLES, merge_command
+from lora_cli.cli.resize import RESIZE_EXAMPLES, resize_command
 from lora_cli.cli.unmerge import UNMERGE_EXAMPLES, unmerge_command
 from lora_cli.cli.verify import VERIFY_EXAMPLES, verify_command
 
@@ -30,6 +33,9 @@ app.command("unmerge", epilog=UNMERGE_EXAMPLES)(unmerge_command)
 app.command("inspect", epilog=INSPECT_EXAMPLES)(inspect_command)
 app.command("memory", epilog=MEMORY_EXAMPLES)(memory_command)
 app.command("verify", epilog=VERIFY_EXAMPLES)(verify_command)
+app.command("extract", epilog=EXTRACT_EXAMPLES)(extract_command)
+app.command("resize", epilog=RESIZE_EXAMPLES)(resize_command)
+app.command("combine", epilog=COMBINE_EXAMPLES)(combine_command)
 app.command("demo")(demo_command)
 
 

@@ -9,8 +9,20 @@ from rich.table import Table
 
 from lora_cli.cli._common import resolve_adapters
 from lora_cli.cli._errors import user_errors
-from lora_cli.cli._options import AdapterRevisionOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt
+from lora_cli.cli._options import (
+    AdapterRevisionOpt,
+    CombineOpt,
+    DebugOpt,
+    DensityOpt,
+    DeviceOpt,
+    JsonOpt,
+    MajoritySignOpt,
+    NoNormalizeOpt,
+    QuietOpt,
+    SeedOpt,
+)
 from lora_cli.cli._output import Output, human_bytes
+from lora_cli.combine import CombineOptions
 from lora_cli.diff import DEFAULT_MAX_ULPS, DiffOptions, DiffResult, TensorDiff, diff
 from lora_cli.errors import EXIT_DIFFERENT, EXIT_OK
 from lora_cli.resolve import resolve
@@ -179,6 +191,11 @@ def diff_command(
         float,
         typer.Option("--max-ulps", help="With --adapter: largest residual (ulps of B's dtype) that still passes."),
     ] = DEFAULT_MAX_ULPS,
+    combine: CombineOpt = "sum",
+    density: DensityOpt = 1.0,
+    majority_sign: MajoritySignOpt = "total",
+    seed: SeedOpt = 0,
+    no_normalize: NoNormalizeOpt = False,
     device: DeviceOpt = "cpu",
     show_all: Annotated[bool, typer.Option("--all", help="List every tensor, not only the summaries.")] = False,
     json_output: JsonOpt = False,
@@ -191,7 +208,8 @@ def diff_command(
     |A - B| <= atol + rtol * |B| everywhere, as torch.allclose(A, B) (NaN equals NaN; integers must match), so it
     is not always bit-identical. When the dtypes differ, both are compared at the coarser dtype's precision: a
     pure cast is "dtype_mismatch" (same values, other dtype), a real change is "changed". With --adapter, each
-    tensor the adapters edit is recomputed from A as loractl merge does and B's residual is reported in ulps.
+    tensor the adapters edit is recomputed from A as loractl merge does and B's residual is reported in ulps;
+    --combine (with its --density, --majority-sign, --seed, --no-normalize) recomputes a `merge --combine`.
     """
     output = Output(json_mode=json_output, quiet=quiet)
     with user_errors(debug):
@@ -200,7 +218,21 @@ def diff_command(
         specs = resolve_adapters(adapter, adapter_revision) if adapter else None
         options = DiffOptions(rtol=rtol, atol=atol, rank=rank, max_ulps=max_ulps, device=device)
         with output.progress("comparing") as bar:
-            result = diff(source_a, source_b, options, specs, progress=bar, on_start=bar.set_total)
+            result = diff(
+                source_a,
+                source_b,
+                options,
+                specs,
+                progress=bar,
+                on_start=bar.set_total,
+                combine=CombineOptions(
+                    method=combine,
+                    density=density,
+                    majority_sign=majority_sign,
+                    seed=seed,
+                    normalize=False if no_normalize else None,
+                ),
+            )
         render_diff(output, result, show_all)
     # With --adapter the exit code is the verdict: the difference itself is expected.
     failed = result.adapter_check.verdict == "fail" if result.adapter_check is not None else result.differ

@@ -25,20 +25,27 @@ from lora_cli.cli._hub import (
 )
 from lora_cli.cli._options import (
     AdapterRevisionOpt,
+    CombineOpt,
     DebugOpt,
+    DensityOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    MajoritySignOpt,
     MaxShardOpt,
+    NoNormalizeOpt,
     OverwriteOpt,
     QuietOpt,
     RevisionOpt,
+    SeedOpt,
     VerifyOpt,
 )
 from lora_cli.cli._output import Output
+from lora_cli.combine import CombineOptions
 from lora_cli.engine import WriteOptions
 from lora_cli.errors import AdapterMismatchError
 from lora_cli.merge import merge
+from lora_cli.peft_weighted import PeftCombine
 from lora_cli.resolve import resolve
 
 MERGE_EXAMPLES = """
@@ -54,6 +61,10 @@ Examples:
 
   loractl merge meta-llama/Llama-3.1-8B me/my-lora --push-to-hub me/llama-merged --verify
                                 (streams the base, uploads shard by shard, one commit; no OUT needed)
+
+  loractl merge ./base ./a@1 ./b@1 ./merged --combine ties --density 0.5          (TIES, as mergekit)
+
+  loractl merge ./base ./a@0.5 ./b@0.5 ./merged --combine dare_linear --density 0.3 --seed 7
 """
 
 
@@ -89,6 +100,23 @@ def merge_command(
     create_pr: CreatePrOpt = False,
     keep_local: KeepLocalOpt = False,
     download: DownloadOpt = False,
+    combine: CombineOpt = "sum",
+    density: DensityOpt = 1.0,
+    majority_sign: MajoritySignOpt = "total",
+    seed: SeedOpt = 0,
+    no_normalize: NoNormalizeOpt = False,
+    peft_compatible: Annotated[
+        bool,
+        typer.Option(
+            "--peft-compatible",
+            help="Combine as PEFT's add_weighted_adapter does, then merge: --combine takes its combination_type "
+            "(linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, "
+            "magnitude_prune, magnitude_prune_svd), quirks included (README). DARE matches PEFT in distribution only.",
+        ),
+    ] = False,
+    svd_rank: Annotated[
+        int | None, typer.Option("--svd-rank", help="With --peft-compatible: PEFT's svd_rank (default the largest).")
+    ] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -119,11 +147,43 @@ def merge_command(
         lineage = source_lineage(base_source, [spec.source for spec in specs])
         if strict and lineage:
             raise AdapterMismatchError(lineage[0], fix="check the adapters and the base, or drop --strict")
+        peft = None
+        if peft_compatible:
+            peft = PeftCombine(
+                combination_type=combine,
+                svd_rank=svd_rank,
+                density=density,
+                majority_sign=majority_sign,
+                seed=seed,
+            )
+            combine = "sum"  # the combination happens in PEFT's way, before the merge
+        combining = CombineOptions(
+            method=combine,
+            density=density,
+            majority_sign=majority_sign,
+            seed=seed,
+            normalize=False if no_normalize else None,
+        )
         with output.progress("merging") as bar:
             summary = merge(
-                base_source, specs, Path(out), options, progress=bar, on_plan=lambda p: bar.set_total(p.output_bytes)
+                base_source,
+                specs,
+                Path(out),
+                options,
+                progress=bar,
+                on_plan=lambda p: bar.set_total(p.output_bytes),
+                combine=combining,
+                peft=peft,
             )
         summary.warnings[:0] = lineage
         if publisher is not None and out_option is None:
             summary.output = f"{push_to_hub} (no local copy)"
         render_summary(output, summary, "merge")
+        if peft is not None:
+            output.line(f"combined as PEFT's add_weighted_adapter(combination_type={peft.combination_type!r})")
+        elif combining.method != "sum":
+            normalized = "normalized" if combining.normalized else "not normalized"
+            output.line(
+                f"combined with {combining.method} (density {combining.density:g}, "
+                f"majority sign {combining.majority_sign}, seed {combining.seed}, {normalized})"
+            )
