@@ -9,7 +9,7 @@ from rich.table import Table
 
 from lora_cli.cli._common import resolve_adapters
 from lora_cli.cli._errors import user_errors
-from lora_cli.cli._options import AdapterRevisionOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt
+from lora_cli.cli._options import AdapterRevisionOpt, AllowEmptyOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt
 from lora_cli.cli._output import Output, human_bytes
 from lora_cli.diff import DEFAULT_MAX_ULPS, DiffOptions, DiffResult, TensorDiff, diff
 from lora_cli.errors import EXIT_DIFFERENT, EXIT_OK
@@ -181,6 +181,7 @@ def diff_command(
     ] = DEFAULT_MAX_ULPS,
     device: DeviceOpt = "cpu",
     show_all: Annotated[bool, typer.Option("--all", help="List every tensor, not only the summaries.")] = False,
+    allow_empty: AllowEmptyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -197,7 +198,7 @@ def diff_command(
     with user_errors(debug):
         source_a = resolve(a, role="checkpoint", revision=revision_a)
         source_b = resolve(b, role="checkpoint", revision=revision_b)
-        specs = resolve_adapters(adapter, adapter_revision) if adapter else None
+        specs = resolve_adapters(adapter, adapter_revision, allow_empty) if adapter else None
         options = DiffOptions(rtol=rtol, atol=atol, rank=rank, max_ulps=max_ulps, device=device)
         with output.progress("comparing") as bar:
             result = diff(source_a, source_b, options, specs, progress=bar, on_start=bar.set_total)

@@ -12,6 +12,7 @@ from lora_cli.cli._common import check_dtype, parse_size, render_summary, resolv
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import (
     AdapterRevisionOpt,
+    AllowEmptyOpt,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
@@ -65,6 +66,7 @@ def merge_command(
         typer.Option("--strict", help="Refuse an adapter whose base_model_name_or_path names another model."),
     ] = False,
     verify: VerifyOpt = False,
+    allow_empty: AllowEmptyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -90,7 +92,7 @@ def merge_command(
             verify=verify,
         )
         base_source = resolve(base, role="base", revision=revision)
-        specs = resolve_adapters(adapter_args, adapter_revision)
+        specs = resolve_adapters(adapter_args, adapter_revision, allow_empty)
         lineage = source_lineage(base_source, [spec.source for spec in specs])
         if strict and lineage:
             raise AdapterMismatchError(lineage[0], fix="check the adapters and the base, or drop --strict")

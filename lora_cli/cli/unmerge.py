@@ -12,6 +12,7 @@ from lora_cli.cli._common import check_dtype, parse_size, render_summary, resolv
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import (
     AdapterRevisionOpt,
+    AllowEmptyOpt,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
@@ -94,6 +95,7 @@ def unmerge_command(
     max_shard_size: MaxShardOpt = None,
     overwrite: OverwriteOpt = False,
     verify: VerifyOpt = False,
+    allow_empty: AllowEmptyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -118,7 +120,7 @@ def unmerge_command(
             verify=verify,
         )
         merged_source = resolve(merged, role="checkpoint", revision=revision)
-        specs = resolve_adapters(adapter_args, adapter_revision)
+        specs = resolve_adapters(adapter_args, adapter_revision, allow_empty)
         base_source = resolve(base, role="base") if base else None
         reference = resolve(check_against, role="checkpoint") if check_against else None
         with output.progress("unmerging") as bar:
