@@ -25,12 +25,8 @@ PATTERN_BUDGET_SECONDS = 2.0
 _spent: dict[str, float] = {}
 
 
-def _refuse(key: str, pattern: str, why: str, path: Path | None) -> InputError:
-    return InputError(
-        f"{key} pattern {pattern!r} {why}",
-        path=path,
-        fix=f"fix or simplify {key} in the adapter config (nested repeats such as (.*)* backtrack without end)",
-    )
+def _refuse(key: str, pattern: str, why: str, path: Path | None, fix: str) -> InputError:
+    return InputError(f"{key} pattern {pattern!r} {why}", path=path, fix=fix)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -42,7 +38,8 @@ def _match(source: str, name: str, *, key: str, pattern: str, path: Path | None,
     try:
         compiled = _compile(source)
     except (regex.error, OverflowError, RecursionError) as exc:
-        raise _refuse(key, pattern, f"is not a valid regular expression ({exc})", path) from None
+        fix = f"fix {key} in the adapter config"
+        raise _refuse(key, pattern, f"is not a valid regular expression ({exc})", path, fix) from None
     left = PATTERN_BUDGET_SECONDS - _spent.get(source, 0.0)
     started = time.perf_counter()
     try:
@@ -51,7 +48,10 @@ def _match(source: str, name: str, *, key: str, pattern: str, path: Path | None,
         method = compiled.fullmatch if full else compiled.match
         found = method(name, timeout=min(MATCH_SECONDS, left)) is not None
     except TimeoutError:
-        raise _refuse(key, pattern, f"takes too long to match {name!r} (a bounded engine gave up)", path) from None
+        fix = f"simplify {key} in the adapter config: nested repeats such as (.*)* backtrack without end"
+        raise _refuse(
+            key, pattern, f"takes too long to match {name!r} (the bounded matcher gave up)", path, fix
+        ) from None
     finally:
         _spent[source] = _spent.get(source, 0.0) + time.perf_counter() - started
     return found

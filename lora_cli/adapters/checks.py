@@ -27,8 +27,8 @@ def check_loaded(adapter: Adapter, *, allow_empty: bool = False) -> None:
     check_token_indices(adapter.config.get("trainable_token_indices"), adapter.config_path)
     if not allow_empty and not (adapter.modules or adapter.full_tensors or adapter.token_rows):
         raise InputError(
-            f"holds no weights for its targets ({len(adapter.weights.keys())} tensors, none of them an adapter's"
-            "); some old PEFT versions saved an empty adapter_model.bin when the model was wrapped twice",
+            f"holds no weights for its targets ({len(adapter.weights.keys())} tensors, none of them an adapter's); "
+            "some old PEFT versions saved an empty adapter file (a model wrapped twice, or saved before training)",
             path=adapter.weights.path,
             fix="save the adapter again with a current PEFT, or pass --allow-empty to go on with no change",
         )

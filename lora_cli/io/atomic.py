@@ -23,6 +23,14 @@ TMP_NAME_ROOM = 40
 def check_output(out: Path, inputs: list[Path], *, overwrite: bool, needed_bytes: int) -> None:
     """Refuse an output that would clobber, nest inside an input, not be writable, or not fit on the disk."""
     out = Path(out).expanduser()
+    # First: any look at a name longer than the filesystem allows fails with ENAMETOOLONG.
+    name_max = _name_max(out.parent)
+    if len(os.fsencode(out.name)) > name_max:
+        raise OutputError(
+            f"its name is {len(os.fsencode(out.name))} bytes long; this filesystem allows {name_max}",
+            path=out,
+            fix="choose a shorter name for OUT",
+        )
     resolved = out.resolve()
     for source in inputs:
         source = source.resolve()
@@ -41,13 +49,6 @@ def check_output(out: Path, inputs: list[Path], *, overwrite: bool, needed_bytes
     parent = resolved.parent
     if not parent.is_dir():
         raise _missing_parent(out, parent)
-    name_max = _name_max(parent)
-    if len(os.fsencode(resolved.name)) > name_max:
-        raise OutputError(
-            f"its name is {len(os.fsencode(resolved.name))} bytes long; this filesystem allows {name_max}",
-            path=out,
-            fix="choose a shorter name for OUT",
-        )
     problem = _cannot_create_in(parent)
     if problem:
         raise OutputError(
@@ -92,10 +93,13 @@ def _missing_parent(out: Path, parent: Path) -> OutputError:
 
 
 def _name_max(parent: Path) -> int:
-    try:
-        return os.pathconf(parent, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        return 255
+    """The longest file name the filesystem holding `parent` (or its nearest existing ancestor) takes."""
+    for folder in (parent, *parent.parents):
+        try:
+            return os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
 
 
 def _umask() -> int:

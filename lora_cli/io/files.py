@@ -32,7 +32,7 @@ def _kind(mode: int) -> str:
 def not_regular(path: Path, mode: int) -> InputError:
     kind = _kind(mode)
     what = kind if kind.startswith("not") else f"is {kind}, not a regular file"
-    return InputError(what, path=path, fix="replace it with the real file (loractl reads regular files only)")
+    return InputError(what, path=path, fix="replace it with the real file; loractl reads regular files only")
 
 
 def _open_error(exc: OSError, path: Path, missing_fix: str) -> InputError:
