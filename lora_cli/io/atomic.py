@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
-import signal
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -111,44 +111,54 @@ def _umask() -> int:
 
 @contextmanager
 def atomic_directory(out: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`; on success move it into place, on any failure remove it."""
+    """Yield a temporary sibling of `out`; on success move it into place, on any failure remove it.
+
+    The sibling's name is chosen before it is made, so that Ctrl-C or SIGTERM landing at any point (even just
+    after `mkdir` returns) finds it in the cleanup; an old OUT moved aside is put back if the swap is cut short.
+    """
     out = Path(out).expanduser().resolve()
     # The hidden name adds to OUT's: a long OUT name is shortened there, so that the sibling can be made at all.
     stem = out.name if len(os.fsencode(out.name)) <= _name_max(out.parent) - TMP_NAME_ROOM else out.name[:32]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{stem}{TMP_MARKER}", dir=out.parent))
+    tmp = out.parent / f".{stem}{TMP_MARKER}{secrets.token_hex(8)}"
+    trash = out.parent / f".{stem}.loractl-old-{secrets.token_hex(8)}"
     try:
+        os.mkdir(tmp, 0o700)
         yield tmp
-        # mkdtemp makes the folder 0700; OUT gets the mode any new folder gets (0777 less the umask).
+        # OUT gets the mode any new folder gets (0777 less the umask), not the sibling's private 0700.
         os.chmod(tmp, 0o777 & ~_umask())
         _fsync_dir(tmp)
         if out.exists():
             if not overwrite:
                 raise OutputError("appeared while writing", path=out, fix="pass --overwrite or choose another OUT")
             # Move the old folder aside first so that OUT is never missing or half-replaced.
-            trash = Path(tempfile.mkdtemp(prefix=f".{stem}.loractl-old-", dir=out.parent))
+            os.mkdir(trash, 0o700)
             os.rename(out, trash / "old")
             os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, out)
         _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if not (isinstance(exc, FileExistsError) and exc.filename == str(tmp)):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(trash / "old") and not os.path.lexists(out):
+            os.rename(trash / "old", out)
         raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _cannot_create_in(parent: Path) -> str | None:
     """Why a folder cannot be created in `parent`, found by trying: `os.access` says yes to root on a read-only
     mount or a pseudo-filesystem, and the failure would otherwise only show after the plan was built."""
-    # Ctrl-C or SIGTERM between making the probe and removing it would leave it behind: hold them off meanwhile.
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    probe = parent / f"{TMP_MARKER}probe-{secrets.token_hex(8)}"
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=f"{TMP_MARKER}probe-", dir=parent))
+        os.mkdir(probe, 0o700)
     except OSError as exc:
         return exc.strerror or type(exc).__name__
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        # Also when Ctrl-C lands just after mkdir: the name was known before.
+        with contextlib.suppress(OSError):
+            os.rmdir(probe)
     return None
 
 
