@@ -270,3 +270,18 @@ def test_config_regexes_are_matched_with_a_bounded_engine(pristine: Pristine, tm
         assert time.monotonic() - started < 30, f"{command} took {time.monotonic() - started:.1f} s"
     out = tmp_path / "out-merge"
     assert _merged_shards_equal(out, pristine.merged)
+
+
+def test_broken_provenance_record_is_ignored(pristine: Pristine, tmp_path: Path) -> None:
+    """loractl.json only describes a checkpoint: nested 5,000 deep (a RecursionError in Python's parser, once an
+    internal error) or a named pipe, it is left out of inspect's and diff's reports, never a crash or a hang."""
+    for name, spoil in {
+        "deep": lambda p: p.write_text('{"tool": ' + "[" * 5000 + "]" * 5000 + "}"),
+        "fifo": lambda p: (p.unlink(), os.mkfifo(p)),
+    }.items():
+        merged = Path(shutil.copytree(pristine.merged, tmp_path / name))
+        spoil(merged / "loractl.json")
+        for args in (["inspect", merged], ["diff", pristine.base, merged]):
+            result = invoke([*args, "--quiet"])
+            assert result.exit_code in (0, 1), f"{name} {args[0]}: {result.output}"
+            assert "internal error" not in result.output and "Traceback" not in result.output

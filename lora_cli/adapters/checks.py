@@ -72,6 +72,8 @@ def lora_factor_problem(a_shape: tuple[int, ...], b_shape: tuple[int, ...], layo
     )
     if not ndims_ok:
         return f"factors of shapes {a_shape} and {b_shape} are not both {want}"
-    if a_shape[0] != b_shape[1]:
+    # A convolution's lora_B may be grouped as its base is (PEFT: in_channels r, groups g, so r / g per group).
+    grouped = layout == "conv" and b_shape[1] > 0 and a_shape[0] % b_shape[1] == 0
+    if a_shape[0] != b_shape[1] and not grouped:
         return f"lora_A has rank {a_shape[0]} but lora_B takes {b_shape[1]} (shapes {a_shape} and {b_shape})"
     return None
