@@ -24,6 +24,7 @@ from lora_cli.filenames import INDEX_FILE
 from lora_cli.host_buffers import INPUT_BUFFERS, OUTPUT_BUFFERS, PIPELINE_DEPTH, BufferRing
 from lora_cli.io.atomic import atomic_directory, check_output
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dominant_dtype, dtype_name
+from lora_cli.io.files import SourceFile
 from lora_cli.io.safetensors_file import read_tensor
 from lora_cli.io.writer import ShardPlan, ShardWriter, plan_shards, write_index
 from lora_cli.memstats import MemoryMonitor
@@ -85,7 +86,7 @@ class WriteSummary:
 class _CopyJob:
     shard: int
     names: list[str]
-    source: Path
+    source: SourceFile | Path
     offset: int
     nbytes: int
 
@@ -197,13 +198,13 @@ def _jobs(shards: list[ShardPlan], by_name: dict[str, PlannedTensor]) -> list[_C
             if (
                 isinstance(last, _CopyJob)
                 and last.shard == index
-                and last.source == source.file
+                and last.source == (source.handle or source.file)
                 and last.offset + last.nbytes == source.offset
             ):
                 last.names.append(tensor.name)
                 last.nbytes += source.nbytes
             else:
-                jobs.append(_CopyJob(index, [tensor.name], source.file, source.offset, source.nbytes))
+                jobs.append(_CopyJob(index, [tensor.name], source.handle or source.file, source.offset, source.nbytes))
     return jobs
 
 
@@ -383,7 +384,9 @@ def write_plan(
             },
         )
         write_card(tmp, provenance, hashes if digests is not None else None)
-        # Inside the atomic block: a checkpoint that fails verification never appears as OUT.
+        # Inside the atomic block: a checkpoint that fails verification, or read an input that changed, never
+        # appears as OUT.
+        plan.check_inputs_unchanged()
         verification = verify_written(tmp, _planned_headers(shards), digests, hashes) if digests is not None else None
         if verification is not None:
             verification.seconds += verify_seconds[0]

@@ -143,7 +143,10 @@ class CheckpointReport:
 
 
 def inspect_ref(
-    source: ResolvedSource | Path | str, *, base: ResolvedSource | Path | str | None = None
+    source: ResolvedSource | Path | str,
+    *,
+    base: ResolvedSource | Path | str | None = None,
+    allow_empty: bool = False,
 ) -> AdapterReport | CheckpointReport:
     """Describe `source`: an adapter (a folder with an adapter config) or else a model checkpoint.
 
@@ -155,8 +158,8 @@ def inspect_ref(
             raise InputError("is a model checkpoint, not an adapter; --base applies to adapters", path=source.ref)
         return inspect_checkpoint(source.path, ref=source.ref)
     if base is None:
-        return _adapter_report(load_adapters([AdapterSpec(source)])[0])
-    prepared = prepare(base, [AdapterSpec(source)])
+        return _adapter_report(load_adapters([AdapterSpec(source, allow_empty=allow_empty)])[0])
+    prepared = prepare(base, [AdapterSpec(source, allow_empty=allow_empty)])
     return _adapter_report(prepared.adapters[0], prepared.plan, base.ref)
 
 

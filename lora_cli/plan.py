@@ -57,6 +57,12 @@ class MergePlan:
     def output_bytes(self) -> int:
         return sum(t.output.nbytes for t in self.tensors)
 
+    def check_inputs_unchanged(self) -> None:
+        """Refuse, naming the file, when a base shard or adapter file was modified or replaced while read."""
+        self.base.check_unchanged()
+        for adapter in self.adapters:
+            adapter.weights.check_unchanged()
+
 
 def resolve_target(name: str, names: set[str]) -> str | None:
     """The base tensor an adapter target names, allowing for a head's backbone prefix present or absent."""

@@ -23,6 +23,7 @@ class AdapterSpec:
 
     source: ResolvedSource
     weight: float = 1.0
+    allow_empty: bool = False  # `--allow-empty`: accept an adapter with no weights for its targets
 
 
 def local_source(path: Path | str) -> ResolvedSource:
@@ -38,7 +39,7 @@ def load_adapters(specs: list[AdapterSpec]) -> list[Adapter]:
     adapters = []
     for spec in specs:
         source = spec.source
-        adapter = load_adapter(source.path, ref=source.ref, weight=spec.weight)
+        adapter = load_adapter(source.path, ref=source.ref, weight=spec.weight, allow_empty=spec.allow_empty)
         adapter.revision, adapter.commit = source.revision, source.commit
         adapters.append(adapter)
     return adapters

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from lora_cli.errors import InputError, OutputError
 from lora_cli.filenames import MANIFEST
+from lora_cli.io.atomic import write_new
+from lora_cli.io.files import SourceFile, read_regular
 from lora_cli.io.safetensors_file import read_header
 
 CHUNK = 16 * 1024 * 1024
@@ -34,12 +37,13 @@ class TensorDigests:
     def record_bytes(self, file: str, name: str, data: memoryview | bytes) -> None:
         self.expected[(file, name)] = zlib.crc32(data)
 
-    def record_range(self, file: str, tensors: list[tuple[str, int]], source: Path, offset: int) -> None:
-        """Checksums of tensors stored back to back in `source` from `offset`, as (name, nbytes) in order."""
-        with open(source, "rb", buffering=0) as handle:
-            for name, nbytes in tensors:
-                self.expected[(file, name)] = _crc_of_range(handle.fileno(), offset, nbytes, source)
-                offset += nbytes
+    def record_range(self, file: str, tensors: list[tuple[str, int]], source: SourceFile, offset: int) -> None:
+        """Checksums of tensors stored back to back in `source` from `offset`, as (name, nbytes) in order.
+
+        Read through the descriptor the copy used: the checksum is of the bytes that were copied."""
+        for name, nbytes in tensors:
+            self.expected[(file, name)] = _crc_of_range(source.fd, offset, nbytes, source.path)
+            offset += nbytes
 
 
 @dataclass
@@ -73,8 +77,8 @@ def _drop_cache(fd: int) -> None:
 def verify_shard(path: Path, planned: list[tuple[str, str, tuple[int, ...]]], digests: TensorDigests) -> str:
     """Re-read one written shard: its header lists `planned` (name, dtype, shape) in order, and every tensor's
     bytes match the checksum recorded while writing. Returns the file's SHA-256."""
-    header = read_header(path)
-    found = [(t.name, t.dtype, t.shape) for t in header.tensors.values()]
+    with read_header(path) as header:
+        found = [(t.name, t.dtype, t.shape) for t in header.tensors.values()]
     if found != planned:
         raise OutputError("was written with another header than planned", path=path, fix="report this bug")
     digest = hashlib.sha256()
@@ -103,7 +107,7 @@ def verify_shard(path: Path, planned: list[tuple[str, str, tuple[int, ...]]], di
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
+    with SourceFile(path) as source, os.fdopen(os.dup(source.fd), "rb", buffering=0) as handle:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -114,7 +118,7 @@ def write_manifest(directory: Path, known: dict[str, str]) -> str:
     no longer on disk (shards pushed to the Hub and removed) are listed with their known hash."""
     names = {p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST} | set(known)
     lines = [f"{known.get(name) or sha256_file(directory / name)}  {name}\n" for name in sorted(names)]
-    (directory / MANIFEST).write_text("".join(lines))
+    write_new(directory / MANIFEST, "".join(lines).encode())
     return MANIFEST
 
 
@@ -139,35 +143,92 @@ def verify_written(
     )
 
 
+# `sha256sum -c` reads GNU lines ("HASH  NAME", or "HASH *NAME" in binary mode, a leading backslash when the
+# name is escaped) and BSD-tag lines ("SHA256 (NAME) = HASH"), digests in either case, and skips "#" comments.
+_GNU_LINE = re.compile(r"(\\?)([0-9a-fA-F]{64}) [ *](.+)")
+_TAG_LINE = re.compile(r"(\\?)SHA256 \((.+)\) = ([0-9a-fA-F]{64})")
+
+
+def _unescape(name: str) -> str:
+    """sha256sum's escaping of names holding a newline or a backslash (the line then starts with a backslash)."""
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "r": "\r", "\\": "\\"}.get(m.group(1), m.group(0)), name)
+
+
+def parse_manifest(path: Path) -> dict[str, str]:
+    """SHA256SUMS as `sha256sum -c` reads it: relative file name -> lower-case digest. Stricter in two ways:
+    a line it would skip as improperly formatted is an error, and no name may lead outside the folder."""
+    try:
+        text = read_regular(path).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(
+            "is not UTF-8 text", path=path, fix="restore the manifest (merge again with --verify)"
+        ) from None
+    expected: dict[str, str] = {}
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
+        if not line and number == text.count("\n") + 1:
+            break  # the end of the last line
+        if line.startswith("#"):
+            continue
+        gnu, tag = _GNU_LINE.fullmatch(line), _TAG_LINE.fullmatch(line)
+        if gnu is not None:
+            escaped, digest, name = gnu.groups()
+        elif tag is not None:
+            escaped, name, digest = tag.groups()
+        else:
+            raise InputError(
+                f"line {number} is not `SHA256  NAME` (as sha256sum writes it)", path=path, fix="restore the manifest"
+            )
+        name = _unescape(name) if escaped else name
+        parts = PurePosixPath(name).parts
+        if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
+            raise InputError(f"line {number} names {name!r}, outside the folder", path=path, fix="restore the manifest")
+        name = str(PurePosixPath(*parts))
+        if name in expected:
+            raise InputError(f"lists {name} twice", path=path, fix="restore the manifest")
+        expected[name] = digest.lower()
+    if not expected:
+        raise InputError("lists no files", path=path, fix="restore the manifest (merge again with --verify)")
+    return expected
+
+
+def _unlisted(directory: Path, expected: dict[str, str]) -> list[str]:
+    """Every entry below `directory` (subfolders included, links not followed) that the manifest does not cover."""
+    extra = []
+    for folder, dirnames, filenames in os.walk(directory):
+        for name in sorted(filenames + [d for d in dirnames if os.path.islink(os.path.join(folder, d))]):
+            rel = Path(folder, name).relative_to(directory).as_posix()
+            if rel != MANIFEST and rel not in expected:
+                extra.append(rel)
+    return sorted(extra)
+
+
 def check_manifest(directory: Path) -> VerifyReport:
-    """`loractl verify OUT`: every file in SHA256SUMS is present with its hash, and every shard's header is valid."""
+    """`loractl verify OUT`: every file in SHA256SUMS is present with its hash, every shard's header is valid, and
+    every file in OUT (subfolders included) is listed."""
     directory = Path(directory)
     path = directory / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise InputError(f"has no {MANIFEST}", path=directory, fix="it was not written with --verify; nothing to check")
     started = time.perf_counter()
-    expected: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        digest, sep, name = line.partition("  ")
-        if not sep or len(digest) != 64 or Path(name).name != name:
-            raise InputError(f"line {number} is not `SHA256  NAME`", path=path, fix="restore the manifest")
-        expected[name] = digest
-    tensors = 0
-    for name, digest in expected.items():
-        file = directory / name
-        if not file.is_file():
-            raise InputError(f"{name} is missing", path=directory, fix="the artifact is incomplete; copy it again")
-        if sha256_file(file) != digest:
-            raise InputError(f"{name} does not match its SHA-256 in {MANIFEST}", path=file, fix="copy it again")
-        if name.endswith(".safetensors"):
-            tensors += len(read_header(file).tensors)
-    extra = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in expected and p.name != MANIFEST)
+    expected = parse_manifest(path)
+    extra = _unlisted(directory, expected)
     if extra:
         raise InputError(
             f"holds files the manifest does not list: {', '.join(extra[:3])}",
             path=directory,
             fix="remove them, or merge again with --verify",
         )
+    tensors = 0
+    for name, digest in expected.items():
+        file = directory / name
+        if not os.path.lexists(file):
+            raise InputError(f"{name} is missing", path=directory, fix="the artifact is incomplete; copy it again")
+        if sha256_file(file) != digest:
+            raise InputError(f"{name} does not match its SHA-256 in {MANIFEST}", path=file, fix="copy it again")
+        if name.endswith(".safetensors"):
+            with read_header(file) as header:
+                tensors += len(header.tensors)
     files = sum(1 for name in expected if name.endswith(".safetensors"))
     return VerifyReport(
         tensors=tensors, files=files, seconds=time.perf_counter() - started, manifest=MANIFEST, sha256=expected

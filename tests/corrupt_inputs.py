@@ -8,6 +8,7 @@ error message must name (`culprit`) so that a test can check that the user is to
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from collections.abc import Callable
@@ -48,7 +49,8 @@ class Inputs:
 class Case:
     name: str
     build: Callable[[Path, Pristine], Inputs]
-    # "input" breaks an input file; "output" the OUT path; "values" tensor values (not the file's structure).
+    # "input" breaks an input file; "output" the OUT path; "values" tensor values (not the file's structure);
+    # "side_file" a file that only commands writing OUT copy (tokenizer, generation config).
     kind: str = "input"
 
 
@@ -381,3 +383,253 @@ CASES: list[Case] = [
     Case("out_is_dangling_symlink", _out_dangling_symlink, kind="output"),
     Case("out_parent_is_dangling_symlink", _out_parent_dangling_symlink, kind="output"),
 ]
+
+
+# ---------------------------------------------------------------- issue 17: hostile and broken inputs a probe found
+
+# Backtracks past any budget, even in the `regex` engine (which gives up on `(.*.*)*Z` at once).
+RUNAWAY_PATTERN = r"((.|\w)*)*\d\d[^\w.]"
+DEEP = 5000
+
+
+def _write_header_text(shard: Path, text: bytes, body: bytes) -> None:
+    raw = text + b" " * (-len(text) % 8)
+    shard.write_bytes(struct.pack("<Q", len(raw)) + raw + body)
+
+
+def _header_text(edit: Callable[[dict, bytes], bytes]) -> Callable[[Path, Path], str]:
+    """A case that rewrites a shard's header as raw bytes (what json.dumps cannot produce)."""
+
+    def apply(base: Path, root: Path) -> str:
+        shard = _shards(base)[0]
+        header, body = read_raw(shard)
+        _write_header_text(shard, edit(header, body), body)
+        return shard.name
+
+    return apply
+
+
+def _shape_of_bools(header: dict, body: bytes) -> bytes:
+    """A shape [true, N]: Python counts True as 1, so the byte range still adds up; safetensors refuses a bool."""
+    name = tensors_by_offset(header)[0]
+    begin, end = header[name]["data_offsets"]
+    header[name].update(dtype="U8", shape=[True, end - begin])
+    return json.dumps(header).encode()
+
+
+def _numel_overflows(header: dict, body: bytes) -> bytes:
+    """A zero-size tensor whose first dimensions multiply past 2**64 (safetensors refuses it; torch cannot hold it)."""
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    header["overflow"] = {"dtype": "F32", "shape": [2**32, 2**32, 0], "data_offsets": [end, end]}
+    return json.dumps(header).encode()
+
+
+def _header_bom(header: dict, body: bytes) -> bytes:
+    return b"\xef\xbb\xbf" + json.dumps(header).encode()
+
+
+def _metadata_list(header: dict, body: bytes) -> bytes:
+    header["__metadata__"] = []
+    return json.dumps(header).encode()
+
+
+def _header_nested(header: dict, body: bytes) -> bytes:
+    text = json.dumps(header)
+    return (text[:-1] + ', "deep": ' + "[" * DEEP + "]" * DEEP + "}").encode()
+
+
+def _header_long_int(header: dict, body: bytes) -> bytes:
+    name = tensors_by_offset(header)[0]
+    text = json.dumps(header)
+    end = header[name]["data_offsets"][1]
+    return text.replace(f"{end}]", "9" * 5000 + "]", 1).encode()
+
+
+def _nested_json(path: Path) -> None:
+    text = path.read_text()
+    path.write_text(text.rstrip()[:-1] + ', "deep": ' + "[" * DEEP + "]" * DEEP + "}")
+
+
+def _json_case(name: str, where: str) -> Callable[[Path, Path], str] | Callable[[Path], str]:
+    """Break a JSON input (`where`: base or adapter) named `name` with deep nesting."""
+
+    def apply_base(base: Path, root: Path) -> str:
+        _nested_json(base / name)
+        return name
+
+    def apply_adapter(lora: Path) -> str:
+        _nested_json(lora / name)
+        return name
+
+    return apply_base if where == "base" else apply_adapter
+
+
+def _long_int_in_config(lora: Path) -> str:
+    path = lora / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    text = json.dumps(config).replace(f'"lora_alpha": {config["lora_alpha"]}', '"lora_alpha": 1' + "0" * 5000)
+    path.write_text(text)
+    return ADAPTER_CONFIG
+
+
+def _huge_int_in_config(lora: Path) -> str:
+    """An integer Python parses (under its 4,300-digit limit) that overflows a float: 10**400 / r."""
+    path = lora / ADAPTER_CONFIG
+    config = json.loads(path.read_text())
+    text = json.dumps(config).replace(f'"lora_alpha": {config["lora_alpha"]}', '"lora_alpha": 1' + "0" * 400)
+    path.write_text(text)
+    return ADAPTER_CONFIG
+
+
+def _long_int_in_index(base: Path, root: Path) -> str:
+    text = (base / INDEX).read_text()
+    index = json.loads(text)
+    total = index["metadata"]["total_size"]
+    (base / INDEX).write_text(text.replace(str(total), "7" * 5000, 1))
+    return INDEX
+
+
+def _index_metadata(value: object) -> Callable[[Path, Path], str]:
+    def apply(base: Path, root: Path) -> str:
+        index = json.loads((base / INDEX).read_text())
+        index["metadata"] = value
+        (base / INDEX).write_text(json.dumps(index))
+        return INDEX
+
+    return apply
+
+
+def _fifo(where: str, name: str | Callable[[Path], str]) -> Callable[[Path, Pristine], Inputs]:
+    """Replace an input file by a named pipe: opening it for reading would wait for a writer forever."""
+
+    def build(root: Path, pristine: Pristine) -> Inputs:
+        base, lora, out = _copy(root, pristine)
+        folder = base if where == "base" else lora
+        file = name(folder) if callable(name) else name
+        if file == "adapter_model.bin":
+            (lora / ADAPTER_FILE).unlink()
+        path = folder / file
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+        return Inputs(base, lora, out, file)
+
+    return build
+
+
+def _first_shard(base: Path) -> str:
+    return _shards(base)[0].name
+
+
+def _factor(change: Callable[[torch.Tensor], torch.Tensor], which: str = "lora_A") -> Callable[[Path], str]:
+    """Replace the first module's lora_A (or lora_B) by `change(it)`: wrong inner size, dimensions or dtype."""
+
+    def apply(lora: Path) -> str:
+        tensors = load_copy(lora / ADAPTER_FILE)
+        key = next(k for k in sorted(tensors) if which in k)
+        tensors[key] = change(tensors[key]).contiguous()
+        save_file(tensors, lora / ADAPTER_FILE)
+        return ADAPTER_FILE
+
+    return apply
+
+
+def _bin_adapter(state: Callable[[dict[str, torch.Tensor]], dict]) -> Callable[[Path], str]:
+    def apply(lora: Path) -> str:
+        tensors = load_copy(lora / ADAPTER_FILE)
+        (lora / ADAPTER_FILE).unlink()
+        torch.save(state(tensors), lora / "adapter_model.bin")
+        return "adapter_model.bin"
+
+    return apply
+
+
+def _empty_safetensors(lora: Path) -> str:
+    save_file({}, lora / ADAPTER_FILE)
+    return ADAPTER_FILE
+
+
+def _link_outside(name: str) -> Callable[[Path, Pristine], Inputs]:
+    """A side file of the base that is a symlink to a file outside it (a token, a key)."""
+
+    def build(root: Path, pristine: Pristine) -> Inputs:
+        base, lora, out = _copy(root, pristine)
+        secret = root / "secret.json"
+        secret.write_text('{"token": "hf_not_for_upload"}')
+        (base / name).unlink(missing_ok=True)
+        (base / name).symlink_to(secret)
+        return Inputs(base, lora, out, name)
+
+    return build
+
+
+def _side_fifo(root: Path, pristine: Pristine) -> Inputs:
+    base, lora, out = _copy(root, pristine)
+    os.mkfifo(base / "tokenizer.json")
+    return Inputs(base, lora, out, "tokenizer.json")
+
+
+def _out_parent_is_file(root: Path, pristine: Pristine) -> Inputs:
+    base, lora, _ = _copy(root, pristine)
+    (root / "notes.txt").write_text("a file, not a folder")
+    return Inputs(base, lora, root / "notes.txt" / "out", "notes.txt")
+
+
+def _out_name_too_long(root: Path, pristine: Pristine) -> Inputs:
+    base, lora, _ = _copy(root, pristine)
+    name = "m" * 300
+    return Inputs(base, lora, root / name, name)
+
+
+ISSUE_17_CASES: list[Case] = [
+    Case(
+        "rank_pattern_backtracks_without_end",
+        _adapter_case(_edit_config(lambda c: c.update(rank_pattern={RUNAWAY_PATTERN: 4}))),
+    ),
+    Case(
+        "alpha_pattern_backtracks_without_end",
+        _adapter_case(_edit_config(lambda c: c.update(alpha_pattern={RUNAWAY_PATTERN: 4}))),
+    ),
+    Case("rank_pattern_invalid_regex", _adapter_case(_edit_config(lambda c: c.update(rank_pattern={"q_proj(": 4})))),
+    Case("rank_pattern_not_an_object", _adapter_case(_edit_config(lambda c: c.update(rank_pattern=["q_proj"])))),
+    Case("shard_is_a_fifo", _fifo("base", _first_shard)),
+    Case("index_is_a_fifo", _fifo("base", INDEX)),
+    Case("base_config_is_a_fifo", _fifo("base", "config.json")),
+    Case("adapter_config_is_a_fifo", _fifo("adapter", ADAPTER_CONFIG)),
+    Case("adapter_weights_are_a_fifo", _fifo("adapter", ADAPTER_FILE)),
+    Case("adapter_bin_is_a_fifo", _fifo("adapter", "adapter_model.bin")),
+    Case("header_shape_of_bools", _base_case(_header_text(_shape_of_bools))),
+    Case("header_element_count_overflows", _base_case(_header_text(_numel_overflows))),
+    Case("header_starts_with_bom", _base_case(_header_text(_header_bom))),
+    Case("header_metadata_not_a_map", _base_case(_header_text(_metadata_list))),
+    Case("header_nested_5000_deep", _base_case(_header_text(_header_nested))),
+    Case("header_int_of_5000_digits", _base_case(_header_text(_header_long_int))),
+    Case("index_nested_5000_deep", _base_case(_json_case(INDEX, "base"))),
+    Case("index_int_of_5000_digits", _base_case(_long_int_in_index)),
+    Case("index_metadata_not_an_object", _base_case(_index_metadata("total_size=12"))),
+    Case("index_metadata_a_list", _base_case(_index_metadata([["total_size", 12]]))),
+    Case("base_config_nested_5000_deep", _base_case(_json_case("config.json", "base"))),
+    Case("adapter_config_nested_5000_deep", _adapter_case(_json_case(ADAPTER_CONFIG, "adapter"))),
+    Case("adapter_config_int_of_5000_digits", _adapter_case(_long_int_in_config)),
+    Case("adapter_config_int_overflows_a_float", _adapter_case(_huge_int_in_config)),
+    Case("lora_ranks_disagree", _adapter_case(_factor(lambda b: b[:, :-1], "lora_B"))),
+    Case("lora_A_is_1d", _adapter_case(_factor(lambda a: a.reshape(-1)))),
+    Case("lora_A_is_0d", _adapter_case(_factor(lambda a: a.sum()))),
+    Case("lora_A_is_int", _adapter_case(_factor(lambda a: (a * 100).to(torch.int32)))),
+    Case("lora_A_is_bool", _adapter_case(_factor(lambda a: a > 0))),
+    Case("lora_A_is_float8", _adapter_case(_factor(lambda a: a.to(torch.float8_e4m3fn)))),
+    Case("adapter_bin_with_int_keys", _adapter_case(_bin_adapter(lambda t: dict(enumerate(t.values()))))),
+    Case("adapter_bin_empty", _adapter_case(_bin_adapter(lambda t: {}))),
+    Case("adapter_safetensors_empty", _adapter_case(_empty_safetensors)),
+    Case("token_indices_not_ints", _adapter_case(_edit_config(lambda c: c.update(trainable_token_indices=["a"])))),
+    Case(
+        "token_indices_negative",
+        _adapter_case(_edit_config(lambda c: c.update(trainable_token_indices={"embed_tokens": [-1]}))),
+    ),
+    Case("token_indices_not_a_list", _adapter_case(_edit_config(lambda c: c.update(trainable_token_indices=3)))),
+    Case("side_file_links_outside", _link_outside("tokenizer.json"), kind="side_file"),
+    Case("generation_config_links_outside", _link_outside("generation_config.json"), kind="side_file"),
+    Case("side_file_is_a_fifo", _side_fifo, kind="side_file"),
+    Case("out_parent_is_a_file", _out_parent_is_file, kind="output"),
+    Case("out_name_too_long", _out_name_too_long, kind="output"),
+]
+CASES += ISSUE_17_CASES

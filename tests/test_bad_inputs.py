@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,9 +102,9 @@ def test_pristine_inputs_succeed(command: str, pristine: Pristine, tmp_path: Pat
 
 
 def applicable(command: str, case: Case) -> bool:
-    """Broken OUT paths concern only commands that write; broken tensor values only commands that read them
-    (memory reads headers only)."""
-    if case.kind == "output":
+    """Broken OUT paths and side files (copied into OUT) concern only commands that write; broken tensor values
+    only commands that read them (memory reads headers only)."""
+    if case.kind in ("output", "side_file"):
         return command in WRITES_OUT
     return case.kind != "values" or command in READS_VALUES
 
@@ -174,3 +177,111 @@ def test_symlinked_out_parent_is_followed(pristine: Pristine, tmp_path: Path) ->
     assert (tmp_path / "link").is_symlink()
     assert (real / "out" / "loractl.json").is_file()
     assert sorted(p.name for p in real.iterdir()) == ["out"]
+
+
+# ---------------------------------------------------------------- issue 17: what the new refusals must still accept
+
+
+def _merged_shards_equal(out: Path, reference: Path) -> bool:
+    shards = sorted(p.name for p in reference.glob("*.safetensors"))
+    return bool(shards) and all((out / n).read_bytes() == (reference / n).read_bytes() for n in shards)
+
+
+def test_hub_cache_snapshot_links_are_followed(pristine: Pristine, tmp_path: Path) -> None:
+    """huggingface_hub's cache: `snapshots/<commit>/<file>` links to `../../blobs/<hash>`, outside the snapshot
+    folder but inside the repo's cache folder. Those side files are followed and copied as regular files."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot_dir = repo / "snapshots" / ("c" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot_dir.mkdir(parents=True)
+    for path in pristine.base.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        blob.write_bytes(path.read_bytes())
+        (snapshot_dir / path.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    out = tmp_path / "out"
+    result = invoke(["merge", snapshot_dir, pristine.adapter, out, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert _merged_shards_equal(out, pristine.merged)
+    config = out / "config.json"
+    assert config.is_file() and not config.is_symlink()
+
+
+def test_legacy_pickle_adapter_merges(pristine: Pristine, tmp_path: Path) -> None:
+    """An adapter_model.bin in torch's pre-1.6 format (not a zip), as old PEFT versions saved it, was called
+    "corrupt": `mmap=True` refuses that format. It is read whole instead, still with weights_only=True."""
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_bytes((pristine.adapter / "adapter_config.json").read_bytes())
+    tensors = load_file(pristine.adapter / "adapter_model.safetensors")
+    torch.save(tensors, lora / "adapter_model.bin", _use_new_zipfile_serialization=False)
+    assert not (lora / "adapter_model.bin").read_bytes().startswith(b"PK")
+    result = invoke(["merge", pristine.base, lora, tmp_path / "out", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert _merged_shards_equal(tmp_path / "out", pristine.merged)
+
+
+def test_empty_adapter_goes_on_with_allow_empty(pristine: Pristine, tmp_path: Path) -> None:
+    """The empty adapter every command refuses (corpus case `adapter_bin_empty`) is accepted with --allow-empty:
+    it changes nothing."""
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_bytes((pristine.adapter / "adapter_config.json").read_bytes())
+    torch.save({}, lora / "adapter_model.bin")
+    out = tmp_path / "out"
+    for args in (
+        ["merge", pristine.base, lora, out, "--json"],
+        ["inspect", lora, "--base", pristine.base, "--quiet"],
+        ["memory", pristine.base, lora, "--quiet"],
+    ):
+        refused = invoke(args)
+        assert refused.exit_code == 2 and "--allow-empty" in refused.output, refused.output
+        allowed = invoke([*args, "--allow-empty"])
+        assert allowed.exit_code == 0, allowed.output
+    assert (
+        json.loads(invoke(["merge", pristine.base, lora, tmp_path / "o2", "--json", "--allow-empty"]).output)[
+            "tensors_edited"
+        ]
+        == 0
+    )
+    diff = invoke(["diff", pristine.base, out, "--adapter", lora, "--allow-empty", "--quiet"])
+    assert diff.exit_code == 0, diff.output
+
+
+def test_config_regexes_are_matched_with_a_bounded_engine(pristine: Pristine, tmp_path: Path) -> None:
+    """The probe's pattern `(.*.*)*Z` hung every command under `re`; the bounded engine settles it at once (it
+    matches nothing, so the merge is the plain one). Regex target_modules/exclude_modules are not matched by
+    loractl (the saved weights say which modules are adapted), so they cannot stall it either."""
+    lora = Path(shutil.copytree(pristine.adapter, tmp_path / "lora"))
+    config = json.loads((lora / "adapter_config.json").read_text())
+    config.update(
+        rank_pattern={"(.*.*)*Z": 4},
+        alpha_pattern={"(.*.*)*Z": 4},
+        target_modules="(.*.*)*Z|.*(q|v)_proj",
+        exclude_modules="(.*.*)*Z",
+    )
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    for command in COMMANDS:
+        base = pristine.merged if command == "unmerge" else pristine.base
+        inputs = Inputs(base, lora, tmp_path / f"out-{command}", "")
+        started = time.monotonic()
+        result = invoke([*COMMANDS[command](inputs, pristine), "--quiet"])
+        assert result.exit_code == 0, f"{command}: {result.output}"
+        assert time.monotonic() - started < 30, f"{command} took {time.monotonic() - started:.1f} s"
+    out = tmp_path / "out-merge"
+    assert _merged_shards_equal(out, pristine.merged)
+
+
+def test_broken_provenance_record_is_ignored(pristine: Pristine, tmp_path: Path) -> None:
+    """loractl.json only describes a checkpoint: nested 5,000 deep (a RecursionError in Python's parser, once an
+    internal error) or a named pipe, it is left out of inspect's and diff's reports, never a crash or a hang."""
+    for name, spoil in {
+        "deep": lambda p: p.write_text('{"tool": ' + "[" * 5000 + "]" * 5000 + "}"),
+        "fifo": lambda p: (p.unlink(), os.mkfifo(p)),
+    }.items():
+        merged = Path(shutil.copytree(pristine.merged, tmp_path / name))
+        spoil(merged / "loractl.json")
+        for args in (["inspect", merged], ["diff", pristine.base, merged]):
+            result = invoke([*args, "--quiet"])
+            assert result.exit_code in (0, 1), f"{name} {args[0]}: {result.output}"
+            assert "internal error" not in result.output and "Traceback" not in result.output

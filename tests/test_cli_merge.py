@@ -90,8 +90,15 @@ def test_existing_out_is_refused_then_replaced_with_overwrite(pair, tmp_path):
     result = invoke("merge", base, lora, out)
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (out / "keep.txt").exists()
-    assert invoke("merge", base, lora, out, "--overwrite").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "loractl.json").exists()
+    # --overwrite replaces only loractl's own output (issue 17): a folder of someone's files is kept.
+    refused = invoke("merge", base, lora, out, "--overwrite")
+    assert refused.exit_code == 2 and "did you forget OUT?" in refused.output, refused.output
+    assert (out / "keep.txt").read_text() == "mine"
+    assert invoke("merge", base, lora, out / "previous").exit_code == 0
+    previous = out / "previous"
+    (previous / "keep.txt").write_text("mine")
+    assert invoke("merge", base, lora, previous, "--overwrite").exit_code == 0
+    assert not (previous / "keep.txt").exists() and (previous / "loractl.json").exists()
 
 
 def test_reshard_with_max_shard_size(pair, tmp_path):

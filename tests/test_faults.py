@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -292,3 +294,191 @@ def test_unmerge_verify_writes_a_manifest_that_checks(big, tmp_path) -> None:
     assert json.loads(result.output)["verification"]["files"] == len(shards)
     check = invoke("verify", out)
     assert check.exit_code == 0, check.output
+
+
+# ---------------------------------------------------------------- issue 17: inputs that change, OUT that is not ours
+
+
+def _with_longer_header(shard: Path) -> bytes:
+    """The same tensors behind a longer header: every data offset of the original now points elsewhere."""
+    data = shard.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header.setdefault("__metadata__", {})["padding"] = "x" * 4096
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + length :]
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify"])
+@pytest.mark.parametrize("how", ["renamed_over", "rewritten_in_place"])
+def test_base_changed_during_a_merge_is_refused(how, verify, big, tmp_path, monkeypatch) -> None:
+    """A shard replaced while the merge runs (the case a probe found: 5 of 8 runs exited 0 with wrong tensors,
+    passing --verify): every read goes through the descriptor opened first, and before OUT appears the path must
+    still name that same, unmodified file. Exit 2 naming the shard; nothing written."""
+    base_src, lora, _ = big
+    base = Path(shutil.copytree(base_src, tmp_path / "base"))
+    victim = sorted(base.glob("model-*.safetensors"))[-1]
+    replacement = _with_longer_header(victim)
+    real_copy = writer_module._copy_range
+    swapped = []
+
+    def copy_then_swap(src, dst, offset, nbytes, path):
+        real_copy(src, dst, offset, nbytes, path)
+        if not swapped:
+            swapped.append(True)
+            if how == "renamed_over":
+                (base / "incoming").write_bytes(replacement)
+                os.rename(base / "incoming", victim)
+            else:
+                with open(victim, "r+b") as handle:
+                    handle.write(replacement)
+
+    monkeypatch.setattr(writer_module, "_copy_range", copy_then_swap)
+    out = tmp_path / "out"
+    result = invoke("merge", base, lora, out, "--device", "cpu", *(["--verify"] if verify else []))
+    assert swapped, "the shard was never swapped"
+    assert result.exit_code == 2, result.output
+    message = result.output.strip()
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    assert str(victim) in message and ("was replaced" in message or "was modified" in message), message
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_overwrite_refuses_a_folder_loractl_did_not_write(big, tmp_path) -> None:
+    """`--overwrite` replaces only an empty folder or loractl's own output. A stacked merge that forgot OUT
+    (`merge base lora lora2 --overwrite`) would otherwise replace the adapter lora2 with a merged model."""
+    base, lora, _ = big
+    lora2 = Path(shutil.copytree(lora, tmp_path / "lora2"))
+    before = snapshot(lora2)
+    forgot = invoke("merge", base, lora, lora2, "--overwrite")
+    assert forgot.exit_code == 2, forgot.output
+    assert "did you forget OUT?" in forgot.output and "a PEFT adapter" in forgot.output, forgot.output
+    assert snapshot(lora2) == before
+    # The folder the user stands in, holding their files (`loractl merge ../base ../lora . --overwrite`).
+    here = tmp_path / "project"
+    here.mkdir()
+    (here / "notes.md").write_text("keep me")
+    refused = invoke("merge", base, lora, here, "--overwrite")
+    assert refused.exit_code == 2 and "did you forget OUT?" in refused.output, refused.output
+    assert (here / "notes.md").read_text() == "keep me"
+    # An empty folder is fine.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert invoke("merge", base, lora, empty, "--overwrite", "--quiet", "--device", "cpu").exit_code == 0
+    assert not leftovers(tmp_path)
+
+
+def test_overwrite_never_writes_through_links_in_out(big, tmp_path) -> None:
+    """An OUT (loractl's own) whose files are symlinks to the base's: replacing it writes new files beside them
+    and renames, so the base is never written through a link."""
+    base_src, lora, reference = big
+    base = Path(shutil.copytree(base_src, tmp_path / "base"))
+    out = tmp_path / "out"
+    assert invoke("merge", base, lora, out, "--quiet", "--device", "cpu").exit_code == 0
+    for path in out.iterdir():
+        if (base / path.name).exists():
+            path.unlink()
+            path.symlink_to(base / path.name)
+    before = snapshot(base)
+    result = invoke("merge", base, lora, out, "--overwrite", "--quiet", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert snapshot(base) == before
+    assert not any(p.is_symlink() for p in out.iterdir())
+    assert_valid_merge(out, reference)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_out_gets_the_mode_the_umask_gives(umask, big, tmp_path) -> None:
+    """OUT is made by mkdtemp (mode 0700) and renamed into place: its mode is set from the umask first, so
+    another user or a serving process can read it when the umask says so."""
+    base, lora, _ = big
+    previous = os.umask(umask)
+    try:
+        result = invoke("merge", base, lora, tmp_path / "out", "--quiet", "--device", "cpu")
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
+
+
+def test_long_out_name_gets_a_shorter_temporary_sibling(big, tmp_path) -> None:
+    """A name the filesystem takes (here 240 bytes) is not refused because its hidden sibling's would be too long."""
+    base, lora, reference = big
+    out = tmp_path / ("m" * 240)
+    result = invoke("merge", base, lora, out, "--quiet", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert_valid_merge(out, reference)
+    assert not leftovers(tmp_path)
+
+
+# ---------------------------------------------------------------- issue 17: verify agrees with sha256sum -c
+
+
+@pytest.fixture(scope="module")
+def verified(big, tmp_path_factory) -> Path:
+    base, lora, _ = big
+    out = tmp_path_factory.mktemp("verified") / "out"
+    assert invoke("merge", base, lora, out, "--verify", "--quiet", "--device", "cpu").exit_code == 0
+    return out
+
+
+def _variant(verified: Path, tmp_path: Path, manifest: str | bytes | None = None) -> Path:
+    out = Path(shutil.copytree(verified, tmp_path / "out"))
+    if manifest is not None:
+        (out / MANIFEST).unlink()
+        (out / MANIFEST).write_bytes(manifest.encode() if isinstance(manifest, str) else manifest)
+    return out
+
+
+def _sha256sum(out: Path, *extra: str) -> int | None:
+    """`sha256sum -c` on OUT's manifest, or None where coreutils' sha256sum is not installed."""
+    if shutil.which("sha256sum") is None:
+        return None
+    done = subprocess.run(["sha256sum", "-c", *extra, MANIFEST], cwd=out, capture_output=True)
+    return done.returncode
+
+
+def test_verify_reads_every_format_sha256sum_reads(verified, tmp_path) -> None:
+    lines = (verified / MANIFEST).read_text().splitlines()
+    pairs = [line.split("  ", 1) for line in lines]
+    formats = {
+        "binary": "".join(f"{h} *{n}\n" for h, n in pairs),
+        "upper_case": "".join(f"{h.upper()}  {n}\n" for h, n in pairs),
+        "bsd_tag": "".join(f"SHA256 ({n}) = {h}\n" for h, n in pairs),
+        "crlf_and_comment": "# made by loractl\r\n" + "".join(f"{h}  ./{n}\r\n" for h, n in pairs),
+    }
+    for name, manifest in formats.items():
+        out = _variant(verified, tmp_path / name, manifest)
+        result = invoke("verify", out)
+        assert result.exit_code == 0, f"{name}: {result.output}"
+        assert _sha256sum(out) in (0, None), name
+
+
+def test_verify_is_strict_about_coverage_and_format(verified, tmp_path) -> None:
+    def refused(out: Path, *needles: str) -> None:
+        result = invoke("verify", out)
+        message = result.output.strip()
+        assert result.exit_code == 2, result.output
+        assert len(message.splitlines()) == 1 and "Traceback" not in message
+        assert all(n in message for n in needles), message
+
+    # A file in a subfolder that the manifest does not list (sha256sum -c would pass it).
+    out = _variant(verified, tmp_path / "subfolder")
+    (out / "extra").mkdir()
+    (out / "extra" / "payload.bin").write_bytes(b"unlisted")
+    refused(out, "does not list", "extra/payload.bin")
+    # An empty manifest checks nothing.
+    refused(_variant(verified, tmp_path / "empty", ""), "lists no files", MANIFEST)
+    # Not UTF-8.
+    refused(_variant(verified, tmp_path / "latin1", b"\xff\xfe" + (verified / MANIFEST).read_bytes()), MANIFEST)
+    # A line sha256sum would skip as improperly formatted, and a name leading out of the folder.
+    refused(_variant(verified, tmp_path / "garbled", "not a checksum line\n"), "line 1", MANIFEST)
+    outside = (verified / MANIFEST).read_text() + f"{'0' * 64}  ../secret\n"
+    refused(_variant(verified, tmp_path / "outside", outside), "outside the folder")
+    # A listed file that is a named pipe is refused, not waited on.
+    out = _variant(verified, tmp_path / "fifo")
+    shard = sorted(out.glob("*.safetensors"))[0]
+    shard.unlink()
+    os.mkfifo(shard)
+    refused(out, "named pipe", shard.name)

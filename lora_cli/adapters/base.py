@@ -7,7 +7,6 @@ form (`EditForm`: additive, replacement or transform, with its factors where it 
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch
 from lora_cli.errors import NonFiniteError, NotRevertibleError
 from lora_cli.filenames import ADAPTER_CONFIG
 from lora_cli.numerics import all_finite
+from lora_cli.patterns import pattern_value
 
 Shape = tuple[int, ...]
 # The module path under which tensors saved once for the whole model are grouped, not per module.
@@ -42,6 +42,10 @@ class AdapterWeights(ABC):
     @abstractmethod
     def load(self, key: str) -> torch.Tensor:
         """The tensor as stored (CPU, its own dtype)."""
+
+    @abstractmethod
+    def check_unchanged(self) -> None:
+        """Refuse, naming the file, when it was modified or replaced since it was opened (see io/files.py)."""
 
     def nbytes(self, key: str) -> int:
         numel = 1
@@ -94,11 +98,7 @@ class Adapter:
 
     def pattern_value(self, pattern_key: str, module_path: str, default: object) -> object:
         """Look up `rank_pattern`/`alpha_pattern`-style overrides with PEFT's matching rule (suffix match)."""
-        pattern = self.config.get(pattern_key) or {}
-        for key, value in pattern.items():
-            if re.match(rf"(.*\.)?({key})$", module_path):
-                return value
-        return default
+        return pattern_value(self.config, pattern_key, module_path, default, path=self.config_path)
 
 
 @dataclass

@@ -7,7 +7,6 @@ The merge is a product, not a sum: W * l in fp32, rounded once, as PEFT's `torch
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 import torch
@@ -15,6 +14,7 @@ import torch
 from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
 from lora_cli.adapters.params import require
 from lora_cli.errors import NotRevertibleError
+from lora_cli.patterns import full_match
 
 
 class Ia3Edit(TensorEdit):
@@ -74,7 +74,7 @@ def is_feedforward(adapter: Adapter, module_path: str) -> bool:
     """PEFT's rule: a string is a full regex match, a list matches by name suffix."""
     spec = adapter.config.get("feedforward_modules")
     if isinstance(spec, str):
-        return re.fullmatch(spec, module_path) is not None
+        return full_match(spec, module_path, key="feedforward_modules", path=adapter.config_path)
     if isinstance(spec, list):
         return any(module_path.endswith(name) for name in spec)
     return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lora_cli.adapters.base import Adapter, AdapterModule, AdapterWeights
+from lora_cli.adapters.checks import check_loaded
 from lora_cli.adapters.registry import kind_for
 from lora_cli.adapters.weights import PickleWeights, SafetensorsWeights
 from lora_cli.errors import InputError
@@ -28,7 +29,7 @@ def parse_adapter_arg(arg: str) -> tuple[str, float]:
         return arg, 1.0
 
 
-def load_adapter(directory: Path, *, ref: str | None = None, weight: float = 1.0) -> Adapter:
+def load_adapter(directory: Path, *, ref: str | None = None, weight: float = 1.0, allow_empty: bool = False) -> Adapter:
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError("is not a folder", path=directory, fix="pass an adapter folder or a Hub repo id")
@@ -45,6 +46,7 @@ def load_adapter(directory: Path, *, ref: str | None = None, weight: float = 1.0
     )
     kind = kind_for(adapter)
     group_keys(adapter, kind.param_roots)
+    check_loaded(adapter, allow_empty=allow_empty)
     return adapter
 
 

@@ -29,6 +29,7 @@ from lora_cli.adapters.base import (
     Shape,
     TensorEdit,
 )
+from lora_cli.adapters.checks import lora_factor_problem
 from lora_cli.adapters.params import mismatched_rank, missing_params
 from lora_cli.errors import InputError, NotRevertibleError
 
@@ -256,6 +257,9 @@ def _factors(adapter: Adapter, module: AdapterModule) -> tuple[LoraFactors, str]
         layout = "conv" if len(adapter.weights.shape(a_key)) > 2 else "linear"
     else:
         return None
+    problem = lora_factor_problem(adapter.weights.shape(a_key), adapter.weights.shape(b_key), layout)
+    if problem is not None:
+        raise InputError(f"{module.path}: {problem}", path=adapter.weights.path, fix="re-save the adapter with PEFT")
     rank = adapter.weights.shape(a_key)[0]
     factors = LoraFactors(
         a_key=a_key,

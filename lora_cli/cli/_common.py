@@ -41,11 +41,11 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-def resolve_adapters(args: list[str], revision: str | None) -> list[AdapterSpec]:
+def resolve_adapters(args: list[str], revision: str | None, allow_empty: bool = False) -> list[AdapterSpec]:
     specs = []
     for arg in args:
         ref, weight = parse_adapter_arg(arg)
-        specs.append(AdapterSpec(resolve(ref, role="adapter", revision=revision), weight))
+        specs.append(AdapterSpec(resolve(ref, role="adapter", revision=revision), weight, allow_empty))
     return specs
 
 

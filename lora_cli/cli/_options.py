@@ -41,6 +41,14 @@ VerifyOpt = Annotated[
         "(check later with `loractl verify OUT` or `sha256sum -c SHA256SUMS`). Costs a read of OUT.",
     ),
 ]
+AllowEmptyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-empty",
+        help="Go on with an adapter that holds no weights for its targets (an empty adapter_model.bin changes "
+        "nothing; refused by default).",
+    ),
+]
 
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 

@@ -11,6 +11,7 @@ from lora_cli.cli._common import resolve_adapters
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import (
     AdapterRevisionOpt,
+    AllowEmptyOpt,
     CombineOpt,
     DebugOpt,
     DensityOpt,
@@ -198,6 +199,7 @@ def diff_command(
     no_normalize: NoNormalizeOpt = False,
     device: DeviceOpt = "cpu",
     show_all: Annotated[bool, typer.Option("--all", help="List every tensor, not only the summaries.")] = False,
+    allow_empty: AllowEmptyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -215,7 +217,7 @@ def diff_command(
     with user_errors(debug):
         source_a = resolve(a, role="checkpoint", revision=revision_a)
         source_b = resolve(b, role="checkpoint", revision=revision_b)
-        specs = resolve_adapters(adapter, adapter_revision) if adapter else None
+        specs = resolve_adapters(adapter, adapter_revision, allow_empty) if adapter else None
         options = DiffOptions(rtol=rtol, atol=atol, rank=rank, max_ulps=max_ulps, device=device)
         with output.progress("comparing") as bar:
             result = diff(

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from lora_cli.cli._errors import user_errors
-from lora_cli.cli._options import AdapterRevisionOpt, DebugOpt, JsonOpt, QuietOpt, RevisionOpt
+from lora_cli.cli._options import AdapterRevisionOpt, AllowEmptyOpt, DebugOpt, JsonOpt, QuietOpt, RevisionOpt
 from lora_cli.cli._output import Output, human_bytes
 from lora_cli.errors import InputError
 from lora_cli.inspect import EFFECTIVE_RANK_HELP, AdapterReport, CheckpointReport, inspect_ref
@@ -149,6 +149,7 @@ def inspect_command(
     ] = None,
     revision: AdapterRevisionOpt = None,
     base_revision: RevisionOpt = None,
+    allow_empty: AllowEmptyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -166,6 +167,7 @@ def inspect_command(
         report = inspect_ref(
             _resolve_either(adapter, revision),
             base=resolve(base, role="base", revision=base_revision) if base else None,
+            allow_empty=allow_empty,
         )
     output.json(report)
     if isinstance(report, AdapterReport):

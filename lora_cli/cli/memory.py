@@ -9,7 +9,7 @@ from rich.table import Table
 
 from lora_cli.cli._common import resolve_adapters
 from lora_cli.cli._errors import user_errors
-from lora_cli.cli._options import AdapterRevisionOpt, DebugOpt, JsonOpt, QuietOpt, RevisionOpt
+from lora_cli.cli._options import AdapterRevisionOpt, AllowEmptyOpt, DebugOpt, JsonOpt, QuietOpt, RevisionOpt
 from lora_cli.cli._output import Output, human_bytes
 from lora_cli.errors import InputError
 from lora_cli.memory import MemoryReport, memory_report, reference_available
@@ -97,6 +97,7 @@ def memory_command(
     ] = False,
     revision: RevisionOpt = None,
     adapter_revision: AdapterRevisionOpt = None,
+    allow_empty: AllowEmptyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -116,7 +117,7 @@ def memory_command(
         if measure_reference and len(adapter) != 1:
             raise InputError("--measure-reference takes exactly one adapter")
         base_source = resolve(base, role="base", revision=revision)
-        specs = resolve_adapters(adapter, adapter_revision)
+        specs = resolve_adapters(adapter, adapter_revision, allow_empty)
         report = memory_report(
             base_source,
             specs,

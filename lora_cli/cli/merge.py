@@ -25,6 +25,7 @@ from lora_cli.cli._hub import (
 )
 from lora_cli.cli._options import (
     AdapterRevisionOpt,
+    AllowEmptyOpt,
     CombineOpt,
     DebugOpt,
     DensityOpt,
@@ -117,6 +118,7 @@ def merge_command(
     svd_rank: Annotated[
         int | None, typer.Option("--svd-rank", help="With --peft-compatible: PEFT's svd_rank (default the largest).")
     ] = None,
+    allow_empty: AllowEmptyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -143,7 +145,7 @@ def merge_command(
             command=command_line(),
         )
         base_source = resolve(base, role="base", revision=revision, stream=not download)
-        specs = resolve_adapters(adapter_args, adapter_revision)
+        specs = resolve_adapters(adapter_args, adapter_revision, allow_empty)
         lineage = source_lineage(base_source, [spec.source for spec in specs])
         if strict and lineage:
             raise AdapterMismatchError(lineage[0], fix="check the adapters and the base, or drop --strict")

@@ -25,6 +25,7 @@ from lora_cli.cli._hub import (
 )
 from lora_cli.cli._options import (
     AdapterRevisionOpt,
+    AllowEmptyOpt,
     DebugOpt,
     DeviceOpt,
     DtypeOpt,
@@ -114,6 +115,7 @@ def unmerge_command(
     create_pr: CreatePrOpt = False,
     keep_local: KeepLocalOpt = False,
     download: DownloadOpt = False,
+    allow_empty: AllowEmptyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -139,7 +141,7 @@ def unmerge_command(
             command=command_line(),
         )
         merged_source = resolve(merged, role="checkpoint", revision=revision, stream=not download)
-        specs = resolve_adapters(adapter_args, adapter_revision)
+        specs = resolve_adapters(adapter_args, adapter_revision, allow_empty)
         base_source = resolve(base, role="base") if base else None
         reference = resolve(check_against, role="checkpoint") if check_against else None
         with output.progress("unmerging") as bar:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.errors import InputError
 from lora_cli.filenames import ADAPTER_FILES, CONFIG, INDEX_FILE, SINGLE_FILE
+from lora_cli.io.jsonio import load_json
 from lora_cli.io.remote import remote_shard, remote_shards_in
-from lora_cli.io.safetensors_file import (
-    DuplicateKeyError,
-    SafetensorsFile,
-    TensorInfo,
-    read_header,
-    reject_duplicate_keys,
-)
+from lora_cli.io.safetensors_file import SafetensorsFile, TensorInfo, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -37,6 +31,22 @@ class CheckpointIndex:
     def file_bytes(self) -> int:
         return sum(shard.size for shard in self.shards)
 
+    def close(self) -> None:
+        """Close every shard's descriptor (they are also closed when the index is collected)."""
+        for shard in self.shards:
+            shard.close()
+
+    def __enter__(self) -> CheckpointIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_unchanged(self) -> None:
+        """Refuse, naming the shard, when any shard was modified or replaced since it was opened."""
+        for shard in self.shards:
+            shard.check_unchanged()
+
     def config(self) -> dict | None:
         """config.json when present (a plain state-dict folder has none)."""
         path = self.directory / CONFIG
@@ -44,23 +54,11 @@ class CheckpointIndex:
 
 
 def read_json(path: Path, *, unique_keys: bool = False) -> dict:
-    """Load a JSON object, turning every failure into one clear line naming the file.
+    """Load a JSON object, turning every failure into one clear line naming the file (see `io/jsonio.py`).
 
     `unique_keys` refuses an object naming a key twice (an index listing a tensor twice), which json keeps quiet.
     """
-    try:
-        data = json.loads(
-            path.read_text(encoding="utf-8"), object_pairs_hook=reject_duplicate_keys if unique_keys else None
-        )
-    except FileNotFoundError:
-        raise InputError("file not found", path=path, fix="check the path, or download the file again") from None
-    except DuplicateKeyError as exc:
-        raise InputError(f"lists {exc.args[0]!r} twice", path=path, fix="repair or re-download the file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"is not valid JSON ({exc})", path=path, fix="repair or re-download the file") from None
-    if not isinstance(data, dict):
-        raise InputError("must hold a JSON object", path=path, fix="repair or re-download the file")
-    return data
+    return load_json(path, unique_keys=unique_keys, missing_fix="check the path, or download the file again")
 
 
 def open_checkpoint(directory: Path) -> CheckpointIndex:
@@ -108,7 +106,15 @@ def _open_indexed(directory: Path, index_path: Path) -> CheckpointIndex:
                 path=index_path,
                 fix="download the missing shard, or re-download the checkpoint",
             )
-    checkpoint = _collect(directory, [directory / name for name in shard_names], index.get("metadata") or {})
+    metadata = index.get("metadata")
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict):
+        raise InputError(
+            f"has a metadata entry that is not an object ({type(metadata).__name__})",
+            path=index_path,
+            fix="repair or re-download the index",
+        )
+    checkpoint = _collect(directory, [directory / name for name in shard_names], metadata)
     for tensor, shard in weight_map.items():
         info = checkpoint.tensors.get(tensor)
         if info is None or info.file.name != shard:
@@ -126,7 +132,18 @@ def _present(path: Path) -> bool:
 
 
 def _collect(directory: Path, files: list[Path], index_metadata: dict) -> CheckpointIndex:
-    shards = [read_header(path) for path in files]
+    shards: list[SafetensorsFile] = []
+    try:
+        for path in files:
+            shards.append(read_header(path))
+        return _index(directory, shards, index_metadata)
+    except BaseException:
+        for shard in shards:
+            shard.close()
+        raise
+
+
+def _index(directory: Path, shards: list[SafetensorsFile], index_metadata: dict) -> CheckpointIndex:
     tensors: dict[str, TensorInfo] = {}
     for shard in shards:
         for name, info in shard.tensors.items():

@@ -8,27 +8,36 @@ copied without being decoded. Every check here turns a corrupt file into an `Inp
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lora_cli.errors import InputError
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, itemsize
+from lora_cli.io.files import SourceFile
+from lora_cli.io.jsonio import DuplicateKeyError, JsonProblem, parse_json, reject_duplicate_keys
 from lora_cli.io.remote import remote_shard
 
 # The reference implementation refuses headers above 100 MB; a larger claim means a corrupt or hostile file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+# Shapes and offsets are usize in the reference; element counts must also fit torch's int64 sizes.
+USIZE_MAX = 2**64 - 1
+MAX_ELEMENTS = 2**63 - 1
+
+__all__ = ["DuplicateKeyError", "SafetensorsFile", "TensorInfo", "read_header", "read_tensor", "reject_duplicate_keys"]
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes are: file, absolute offset, length, and how to decode them."""
+    """Where one tensor's bytes are: file, absolute offset, length, and how to decode them.
+
+    `handle` is the file's one open descriptor (see `lora_cli.io.files`): reads go through it, never by path.
+    """
 
     name: str
     dtype: str
@@ -36,6 +45,7 @@ class TensorInfo:
     file: Path
     offset: int
     nbytes: int
+    handle: SourceFile | None = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
@@ -48,13 +58,32 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class SafetensorsFile:
-    """A validated safetensors header: its tensors in file order and its string metadata."""
+    """A validated safetensors header: its tensors in file order and its string metadata.
+
+    It owns the file's open descriptor (`handle`), closed by `close()`, the context manager, or collection.
+    """
 
     path: Path
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     data_start: int
     size: int
+    handle: SourceFile | None = field(default=None, compare=False, repr=False)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_unchanged(self) -> None:
+        """Refuse (naming the file) when it was modified or replaced since its header was read."""
+        if self.handle is not None:
+            self.handle.check_unchanged()
 
 
 def _corrupt(path: Path, what: str) -> InputError:
@@ -65,69 +94,76 @@ def _corrupt(path: Path, what: str) -> InputError:
     )
 
 
-class DuplicateKeyError(ValueError):
-    """A JSON object names the same key twice; args[0] is the key."""
+def _pread_exact(fd: int, nbytes: int, offset: int) -> bytes:
+    chunks, done = [], 0
+    while done < nbytes:
+        chunk = os.pread(fd, nbytes - done, offset + done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
 
 
-def reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """`object_pairs_hook` for json.loads, which otherwise keeps the last of duplicate keys silently: a tensor
-    listed twice in a header or an index means a corrupt file, not a choice to make for the user."""
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise DuplicateKeyError(key)
-        seen.add(key)
-    return dict(pairs)
+def _is_count(value: object) -> bool:
+    """A JSON integer as safetensors' usize fields take it: not a bool (True is an int in Python), not negative."""
+    return type(value) is int and 0 <= value <= USIZE_MAX
 
 
 def read_header(path: Path) -> SafetensorsFile:
-    """Read and check a safetensors header: sizes, dtypes, and byte ranges that tile the data exactly."""
+    """Open a safetensors file once and check its header as strictly as the reference parser: sizes, dtypes,
+    integer shapes whose element counts fit, string metadata, and byte ranges that tile the data exactly."""
     path = Path(path)
     if (remote := remote_shard(path)) is not None:  # a Hub shard streamed by range (lora_cli/io/remote.py)
         return parse_header(path, *remote.header())
+    handle = SourceFile(path, missing_fix="check the path and that every shard is present")
     try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(9)
-            # A header length can begin with the same two bytes as a pickle (640 = 80 02 ...): a real header's
-            # JSON then starts with "{" at byte 8, which no pickle or zip has there.
-            if prefix.startswith(PICKLE_MAGIC) and prefix[8:9] != b"{":
-                raise InputError(
-                    "is a pickle (torch.save) file, not safetensors",
-                    path=path,
-                    fix="loractl never unpickles model weights; convert it to safetensors with a trusted tool",
-                )
-            if len(prefix) < 8:
-                raise _corrupt(path, f"{size} bytes is too short for a header")
-            (header_len,) = struct.unpack("<Q", prefix[:8])
-            if header_len > MAX_HEADER_BYTES:
-                raise _corrupt(path, f"header claims {header_len} bytes (more than the 100 MB limit)")
-            if 8 + header_len > size:
-                raise _corrupt(path, f"header claims {header_len} bytes but the file has {size}")
-            handle.seek(8)
-            raw = handle.read(header_len)
-    except FileNotFoundError:
-        raise InputError("file not found", path=path, fix="check the path and that every shard is present") from None
-    except IsADirectoryError:
-        raise InputError("is a folder, expected a .safetensors file", path=path) from None
-    except PermissionError:
-        raise InputError("permission denied", path=path, fix="make the file readable") from None
-    return parse_header(path, raw, size)
+        return parse_header(path, *_read_raw_header(path, handle), handle=handle)
+    except BaseException:
+        handle.close()
+        raise
 
 
-def parse_header(path: Path, raw: bytes, size: int) -> SafetensorsFile:
-    """Check the JSON header `raw` of a file of `size` bytes (see read_header)."""
+def _read_raw_header(path: Path, handle: SourceFile) -> tuple[bytes, int]:
+    """(the JSON header's bytes, the file size), read through the descriptor the tensors will be read through."""
+    size = handle.size
+    prefix = _pread_exact(handle.fd, 9, 0)
+    # A header length can begin with the same two bytes as a pickle (640 = 80 02 ...): a real header's
+    # JSON then starts with "{" at byte 8, which no pickle or zip has there.
+    if prefix.startswith(PICKLE_MAGIC) and prefix[8:9] != b"{":
+        raise InputError(
+            "is a pickle (torch.save) file, not safetensors",
+            path=path,
+            fix="loractl never unpickles model weights; convert it to safetensors with a trusted tool",
+        )
+    if len(prefix) < 8:
+        raise _corrupt(path, f"{size} bytes is too short for a header")
+    (header_len,) = struct.unpack("<Q", prefix[:8])
+    if header_len > MAX_HEADER_BYTES:
+        raise _corrupt(path, f"header claims {header_len} bytes (more than the 100 MB limit)")
+    if 8 + header_len > size:
+        raise _corrupt(path, f"header claims {header_len} bytes but the file has {size}")
+    raw = _pread_exact(handle.fd, header_len, 8)
+    if len(raw) != header_len:
+        raise _corrupt(path, "file ended inside its header")
+    return raw, size
+
+
+def parse_header(path: Path, raw: bytes, size: int, handle: SourceFile | None = None) -> SafetensorsFile:
+    """Check the JSON header `raw` of a file of `size` bytes (see read_header); `handle`, the open local file."""
     header_len = len(raw)
     try:
-        header = json.loads(raw, object_pairs_hook=reject_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(path, f"header is not JSON ({exc.__class__.__name__})") from None
+        header = parse_json(raw, unique_keys=True)
     except DuplicateKeyError as exc:
         raise _corrupt(path, f"the header lists {exc.args[0]!r} twice") from None
+    except JsonProblem as exc:
+        raise _corrupt(path, f"header {exc.args[0]}") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "header is not a JSON object")
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _corrupt(path, "__metadata__ must map strings to strings")
     data_start = 8 + header_len
@@ -137,18 +173,22 @@ def parse_header(path: Path, raw: bytes, size: int) -> SafetensorsFile:
         if not isinstance(spec, dict):
             raise _corrupt(path, f"entry {name!r} is not an object")
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-        if dtype not in SAFETENSORS_TO_TORCH:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_TO_TORCH:
             raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offsets)
-            or offsets[1] < offsets[0]
-        ):
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
             raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
-        expected = math.prod(shape) * itemsize(dtype)
+        if offsets[1] < offsets[0]:
+            raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+        # The reference multiplies the dimensions in order in a usize and refuses an overflow, even when a later
+        # dimension is 0; torch's sizes are int64, so counts must also fit there.
+        numel = 1
+        for dim in shape:
+            numel *= dim
+            if numel > MAX_ELEMENTS:
+                raise _corrupt(path, f"tensor {name!r} has a shape {shape} whose element count overflows")
+        expected = numel * itemsize(dtype)
         if offsets[1] - offsets[0] != expected:
             raise _corrupt(path, f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its shape needs {expected}")
         entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
@@ -168,10 +208,12 @@ def parse_header(path: Path, raw: bytes, size: int) -> SafetensorsFile:
         raise _corrupt(path, f"{data_size - position} bytes after the last tensor")
 
     tensors = {
-        name: TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+        name: TensorInfo(name, dtype, shape, path, data_start + begin, end - begin, handle)
         for begin, end, name, dtype, shape in entries
     }
-    return SafetensorsFile(path=path, tensors=tensors, metadata=dict(metadata), data_start=data_start, size=size)
+    return SafetensorsFile(
+        path=path, tensors=tensors, metadata=dict(metadata), data_start=data_start, size=size, handle=handle
+    )
 
 
 def read_tensor(info: TensorInfo, into: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,13 +241,19 @@ def read_tensor(info: TensorInfo, into: torch.Tensor | None = None) -> torch.Ten
 
 
 def _read_local(info: TensorInfo, view: memoryview) -> None:
+    # Through the descriptor the header was read from: a file renamed over the path meanwhile is not read.
+    source = info.handle if info.handle is not None else SourceFile(info.file)
     try:
-        with open(info.file, "rb", buffering=0) as handle:
-            done = 0
-            while done < info.nbytes:
-                got = os.preadv(handle.fileno(), [view[done:]], info.offset + done)
-                if got == 0:
-                    raise _corrupt(info.file, f"file ended while reading tensor {info.name!r}")
-                done += got
-    except FileNotFoundError:
-        raise InputError("file disappeared while reading", path=info.file) from None
+        done = 0
+        while done < info.nbytes:
+            got = os.preadv(source.fd, [view[done:]], info.offset + done)
+            if got == 0:
+                raise InputError(
+                    f"ended while reading tensor {info.name!r}",
+                    path=info.file,
+                    fix="was it truncated or changed while loractl ran? leave inputs alone and run again",
+                )
+            done += got
+    finally:
+        if source is not info.handle:
+            source.close()

@@ -21,7 +21,9 @@ import torch
 
 from lora_cli.errors import OutputError
 from lora_cli.filenames import INDEX_FILE, SINGLE_FILE
+from lora_cli.io.atomic import write_new
 from lora_cli.io.dtypes import TORCH_TO_SAFETENSORS, itemsize
+from lora_cli.io.files import SourceFile
 from lora_cli.io.remote import remote_shard
 
 if TYPE_CHECKING:
@@ -95,7 +97,8 @@ def write_index(directory: Path, shards: list[ShardPlan], extra_metadata: dict[s
     """model.safetensors.index.json as transformers writes it, for checkpoints of more than one file."""
     weight_map = {t.name: shard.filename for shard in shards for t in shard.tensors}
     metadata = {"total_size": sum(shard.nbytes for shard in shards), **(extra_metadata or {})}
-    (directory / INDEX_FILE).write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2) + "\n")
+    text = json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2) + "\n"
+    write_new(directory / INDEX_FILE, text.encode())
 
 
 class ShardWriter:
@@ -133,12 +136,16 @@ class ShardWriter:
             self.digests.record_bytes(self.path.name, name, memoryview(data))
         return spec.nbytes
 
-    def copy_tensors(self, names: list[str], source: Path, offset: int, nbytes: int) -> int:
-        """Copy a run of tensors stored back to back in `source`, kernel-side where the OS allows."""
+    def copy_tensors(self, names: list[str], source: SourceFile | Path, offset: int, nbytes: int) -> int:
+        """Copy a run of tensors stored back to back in `source`, kernel-side where the OS allows.
+
+        `source` is the input's open file (its one descriptor, so a file renamed over the path meanwhile is
+        never read); a path is opened for this copy only.
+        """
         specs = [self._expect(name) for name in names]
         if sum(spec.nbytes for spec in specs) != nbytes:
             raise RuntimeError(f"copy of {names[0]}..{names[-1]} does not match the planned sizes")
-        if (remote := remote_shard(source)) is not None:
+        if not isinstance(source, SourceFile) and (remote := remote_shard(source)) is not None:
             # Streamed from the Hub: the bytes pass through here once, so they are checksummed on the way.
             for spec in specs:
                 crc = 0
@@ -149,10 +156,11 @@ class ShardWriter:
                     self.digests.expected[(self.path.name, spec.name)] = crc
                 offset += spec.nbytes
             return nbytes
-        with open(source, "rb", buffering=0) as src:
-            _copy_range(src.fileno(), self._fd, offset, nbytes, self.path)
-        if self.digests is not None:
-            self.digests.record_range(self.path.name, [(s.name, s.nbytes) for s in specs], source, offset)
+        with contextlib.ExitStack() as stack:
+            src = source if isinstance(source, SourceFile) else stack.enter_context(SourceFile(source))
+            _copy_range(src.fd, self._fd, offset, nbytes, self.path)
+            if self.digests is not None:
+                self.digests.record_range(self.path.name, [(s.name, s.nbytes) for s in specs], src, offset)
         return nbytes
 
     def close(self) -> None:
