@@ -36,6 +36,8 @@ def copy_side_files(source: Path, out: Path) -> list[str]:
             continue
         if path.suffix in SKIPPED_SUFFIXES or path.name.startswith("adapter_"):
             continue
+        if path.name == CARD and (source / BASE_CARD).exists():
+            continue  # a loractl output's card describes that output; the original base card travels as it is
         if path.is_symlink() and not path.exists():
             continue  # a dangling link carries nothing (an interrupted download); it was never copied
         target = path.resolve()

@@ -19,7 +19,7 @@ from lora_cli.adapters.base import EditContext, Workspace
 from lora_cli.card import write_card
 from lora_cli.checkpoint_files import copy_side_files, update_config, write_provenance
 from lora_cli.device import exact_device
-from lora_cli.errors import NonFiniteError
+from lora_cli.errors import NonFiniteError, OutputError
 from lora_cli.filenames import INDEX_FILE
 from lora_cli.host_buffers import INPUT_BUFFERS, OUTPUT_BUFFERS, PIPELINE_DEPTH, BufferRing
 from lora_cli.io.atomic import atomic_directory, check_output
@@ -350,7 +350,11 @@ def write_plan(
         writer.close()
         if digests is not None:
             began = time.perf_counter()
-            hashes[writer.path.name] = verify_shard(writer.path, planned_headers[writer.path.name], digests)
+            try:
+                hashes[writer.path.name] = verify_shard(writer.path, planned_headers[writer.path.name], digests)
+            except OutputError:
+                plan.check_inputs_unchanged()  # an input changed under the merge explains a mismatch, not the disk
+                raise
             verify_seconds[0] += time.perf_counter() - began
         if publish is not None:
             publish.shard_closed(writer.path)
