@@ -23,6 +23,7 @@ from lora_cli.filenames import INDEX_FILE
 from lora_cli.host_buffers import INPUT_BUFFERS, OUTPUT_BUFFERS, PIPELINE_DEPTH, BufferRing
 from lora_cli.io.atomic import atomic_directory, check_output
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dominant_dtype, dtype_name
+from lora_cli.io.prefetch import Prefetcher
 from lora_cli.io.safetensors_file import read_tensor
 from lora_cli.io.writer import ShardPlan, ShardWriter, plan_shards, write_index
 from lora_cli.memstats import MemoryMonitor
@@ -255,6 +256,13 @@ def _jobs(shards: list[ShardPlan], by_name: dict[str, PlannedTensor]) -> list[_C
     return jobs
 
 
+def _input_range(job: _CopyJob | _ComputeJob) -> tuple[Path, int, int]:
+    if isinstance(job, _CopyJob):
+        return job.source, job.offset, job.nbytes
+    source = job.planned.source
+    return source.file, source.offset, source.nbytes
+
+
 class _ComputeStep:
     """The pipeline's read and compute stages: an edited tensor from its bytes to its output, in reused buffers.
 
@@ -266,6 +274,9 @@ class _ComputeStep:
     ) -> None:
         self.transform, self.device, self.options = transform, device, options
         self.workspace = Workspace()
+        # Each job's input bytes, asked of the kernel a window ahead of the reader (a cold input streams).
+        self.position = {id(job): index for index, job in enumerate(jobs)}
+        self.prefetch = Prefetcher([_input_range(job) for job in jobs])
         computed = [job.planned for job in jobs if isinstance(job, _ComputeJob)]
         # Reused host buffers; page-locked for a GPU, so that uploads and downloads run at the bus's speed.
         pinned = device.type == "cuda"
@@ -273,6 +284,7 @@ class _ComputeStep:
         self.outputs = BufferRing(OUTPUT_BUFFERS, max((p.output.nbytes for p in computed), default=0), pinned)
 
     def load(self, job: _CopyJob | _ComputeJob) -> torch.Tensor | None:
+        self.prefetch.advance(self.position[id(job)])
         if isinstance(job, _CopyJob):
             return None
         return read_tensor(job.planned.source, into=self.inputs.next(job.planned.source.nbytes))
@@ -301,6 +313,7 @@ class _ComputeStep:
         return staged if output is staged else staged.copy_(output)
 
     def close(self) -> None:
+        self.prefetch.close()
         self.inputs.close()
         self.outputs.close()
 
