@@ -8,4 +8,9 @@ import os
 OMP_WAIT_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ  # the PEFT reference run drops it again
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# The CLI's first act, before torch is imported: a cold base checkpoint starts streaming into the page cache.
+from lora_cli import early_reads  # noqa: E402  (after the environment is set; imports nothing heavy)
+
+early_reads.start()
+
 __version__ = "0.1.0"
