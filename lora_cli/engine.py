@@ -456,9 +456,7 @@ def _write_side_files(tmp: Path, plan: MergePlan, shards: list[ShardPlan], optio
     return config_changes
 
 
-def write_merge(
-    prepared: Prepared, out: Path, options: WriteOptions, progress: Progress | None = None
-) -> WriteSummary:
+def write_merge(prepared: Prepared, out: Path, options: WriteOptions, progress: Progress | None = None) -> WriteSummary:
     """The merge: every edit applied in order, streamed to `out`, with the inputs recorded in its provenance."""
     return write_plan(
         prepared.plan,
