@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lora_cli import ties
-from lora_cli.adapters.base import EditContext, Workspace
+from lora_cli.adapters.base import EditContext, RowDelta, Workspace
 from lora_cli.card import write_card
 from lora_cli.checkpoint_files import copy_side_files, update_config, write_provenance
 from lora_cli.device import exact_device
@@ -25,6 +26,7 @@ from lora_cli.host_buffers import INPUT_BUFFERS, OUTPUT_BUFFERS, PIPELINE_DEPTH,
 from lora_cli.io.atomic import atomic_directory, check_output
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dominant_dtype, dtype_name
 from lora_cli.io.files import SourceFile
+from lora_cli.io.prefetch import Prefetcher
 from lora_cli.io.safetensors_file import read_tensor
 from lora_cli.io.writer import ShardPlan, ShardWriter, plan_shards, write_index
 from lora_cli.memstats import MemoryMonitor
@@ -119,11 +121,16 @@ def upload(tensor: torch.Tensor, device: torch.device, workspace: Workspace) -> 
 # least time in 0.5-2 M-element chunks on 2 cores (0.8 s; 1.1 s in 256 K, 1.6-1.9 s in 4 M) and 4 M on 16 (0.5 s);
 # hence at least 1 M elements, and 256 K more per thread beyond four.
 FUSED_CHUNK_ELEMENTS_PER_THREAD = 1 << 18
+# A block of rows never has fewer rows than this (unless the tensor has): a one-row product takes the BLAS's
+# matrix-vector kernel, whose sums run in another order than the matrix kernel's.
+MIN_BLOCK_ROWS = 8
 # Working-size tensors alive per edited tensor, beside the rings (`host_buffers.py`); `memory.py` predicts with
-# these. On the CPU, a chain of additive edits (`additive_delta`) is fused: each edit's delta is one working-size
-# tensor and W + delta is formed chunk by chunk straight into the output buffer. Elsewhere (on a GPU, or when the
-# output's shape differs) additive edits are added in place to a working copy of W; any other chain runs on a
-# working copy of W, plus the edit's delta and one temporary.
+# these. On the CPU, a chain of additive edits is fused: when every edit forms its delta by rows
+# (`form.row_blocks`, LoRA's linear layers), each block of rows of W + delta is formed in two block-sized buffers
+# (`fused_block_elements`) straight into the output buffer, and no weight-sized delta exists; else each edit's
+# delta is one working-size tensor and W + delta is formed chunk by chunk into the output buffer. Elsewhere (on a
+# GPU, or when the output's shape differs) additive edits are added in place to a working copy of W; any other
+# chain runs on a working copy of W, plus the edit's delta and one temporary.
 ADDITIVE_WORK_COPIES = 2
 UNFUSED_WORK_COPIES = 3
 
@@ -143,13 +150,63 @@ def apply_edits(
     """
     work = working_dtype(planned.source)
     if out is not None and out.device.type == "cpu" and tensor.shape == out.shape:
-        deltas = _additive_deltas(planned, tuple(tensor.shape), device, work, workspace)
+        shape = tuple(tensor.shape)
+        if tensor.dim() >= 1 and all(edit.form.is_additive and edit.form.row_blocks for edit in planned.edits):
+            contexts = [EditContext(edit.adapter, device, work, workspace) for edit in planned.edits]
+            rows = [edit.row_delta(shape, ctx) for edit, ctx in zip(planned.edits, contexts, strict=True)]
+            return _add_rows(tensor, rows, out, work, workspace)
+        deltas = _additive_deltas(planned, shape, device, work, workspace)
         if deltas is not None:
             return _add_in_chunks(tensor, deltas, out, work)
     weight = working_copy(planned, tensor, device, workspace)
     for edit in planned.edits:
         weight = edit.apply(weight, EditContext(edit.adapter, device, work, workspace))
     return weight
+
+
+def fused_block_rows(shape: tuple[int, ...]) -> int:
+    """Rows per block of the row-blocked fused add: about FUSED_CHUNK_ELEMENTS_PER_THREAD per torch thread."""
+    rows = shape[0] if shape else 1
+    per_row = max(math.prod(shape[1:]), 1)
+    step = max(FUSED_CHUNK_ELEMENTS_PER_THREAD * max(torch.get_num_threads(), 4) // per_row, MIN_BLOCK_ROWS)
+    return min(step, rows)
+
+
+def fused_block_elements(shape: tuple[int, ...]) -> int:
+    """Elements of each block buffer: a block of rows, the last one stretched by up to MIN_BLOCK_ROWS - 1 rows."""
+    rows = shape[0] if shape else 1
+    return min(fused_block_rows(shape) + MIN_BLOCK_ROWS - 1, rows) * max(math.prod(shape[1:]), 1)
+
+
+def _add_rows(
+    tensor: torch.Tensor, rows: list[RowDelta], out: torch.Tensor, work: torch.dtype, workspace: Workspace
+) -> torch.Tensor:
+    """out = round(((W + d1) + d2) ...) in `work` precision, each delta formed a block of rows at a time.
+
+    The block's sum starts from d1's rows (d1 + W is W + d1: addition commutes, bit for bit), so one block buffer
+    suffices for a single edit and a second takes the other deltas. Both stay in cache from the product to the
+    rounding, where a weight-sized delta went out to memory and back three times.
+    """
+    shape = tuple(tensor.shape)
+    total, step = shape[0], fused_block_rows(shape)
+    rest = shape[1:]
+    size = fused_block_elements(shape)
+    first = workspace.take("rows", (size,), work, out.device)
+    other = workspace.take("rows2", (size,), work, out.device) if len(rows) > 1 else None
+    start = 0
+    while start < total:
+        stop = min(start + step, total)
+        if total - stop < MIN_BLOCK_ROWS:  # no short block at the end: it joins this one
+            stop = total
+        numel = (stop - start) * max(math.prod(rest), 1)
+        block = rows[0](start, stop, first[:numel].view(stop - start, *rest))
+        block.add_(tensor[start:stop])
+        for more in rows[1:]:
+            assert other is not None
+            block.add_(more(start, stop, other[:numel].view(stop - start, *rest)))
+        out[start:stop].copy_(block)
+        start = stop
+    return out
 
 
 def _additive_deltas(
@@ -208,6 +265,13 @@ def _jobs(shards: list[ShardPlan], by_name: dict[str, PlannedTensor]) -> list[_C
     return jobs
 
 
+def _input_range(job: _CopyJob | _ComputeJob) -> tuple[SourceFile | Path, int, int]:
+    if isinstance(job, _CopyJob):
+        return job.source, job.offset, job.nbytes
+    source = job.planned.source
+    return source.handle or source.file, source.offset, source.nbytes
+
+
 class _ComputeStep:
     """The pipeline's read and compute stages: an edited tensor from its bytes to its output, in reused buffers.
 
@@ -219,6 +283,9 @@ class _ComputeStep:
     ) -> None:
         self.transform, self.device, self.options = transform, device, options
         self.workspace = Workspace()
+        # Each job's input bytes, asked of the kernel a window ahead of the reader (a cold input streams).
+        self.position = {id(job): index for index, job in enumerate(jobs)}
+        self.prefetch = Prefetcher([_input_range(job) for job in jobs])
         computed = [job.planned for job in jobs if isinstance(job, _ComputeJob)]
         # Reused host buffers; page-locked for a GPU, so that uploads and downloads run at the bus's speed.
         pinned = device.type == "cuda"
@@ -226,6 +293,7 @@ class _ComputeStep:
         self.outputs = BufferRing(OUTPUT_BUFFERS, max((p.output.nbytes for p in computed), default=0), pinned)
 
     def load(self, job: _CopyJob | _ComputeJob) -> torch.Tensor | None:
+        self.prefetch.advance(self.position[id(job)])
         if isinstance(job, _CopyJob):
             return None
         return read_tensor(job.planned.source, into=self.inputs.next(job.planned.source.nbytes))
@@ -254,6 +322,7 @@ class _ComputeStep:
         return staged if output is staged else staged.copy_(output)
 
     def close(self) -> None:
+        self.prefetch.close()
         self.inputs.close()
         self.outputs.close()
 

@@ -26,7 +26,13 @@ import psutil
 import torch
 
 from lora_cli.adapters.base import Adapter
-from lora_cli.engine import ADDITIVE_WORK_COPIES, UNFUSED_WORK_COPIES, WriteOptions, write_merge
+from lora_cli.engine import (
+    ADDITIVE_WORK_COPIES,
+    UNFUSED_WORK_COPIES,
+    WriteOptions,
+    fused_block_elements,
+    write_merge,
+)
 from lora_cli.host_buffers import INPUT_BUFFERS, OUTPUT_BUFFERS
 from lora_cli.io.checkpoint import CheckpointIndex
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dominant_dtype, is_float
@@ -140,14 +146,18 @@ def _edit_factor_bytes(planned: PlannedTensor) -> int:
     return sum(math.prod(by_id[a].weights.shape(k)) * itemsize for a, k in keys)
 
 
-def _work_copies(planned: PlannedTensor, fused_device: bool) -> int:
-    """Working-precision tensors of the output's size alive while `planned` is computed."""
+def _work_elements(planned: PlannedTensor, fused_device: bool) -> int:
+    """Working-precision elements alive while `planned` is computed: copies of the output's size, or, where every
+    edit forms its delta by rows, one or two block buffers (`engine.fused_block_elements`)."""
     shape = tuple(planned.source.shape)
+    numel = math.prod(planned.output.shape)
     if not all(edit.form.is_additive for edit in planned.edits):
-        return UNFUSED_WORK_COPIES
+        return UNFUSED_WORK_COPIES * numel
     if fused_device and shape == tuple(planned.output.shape):
-        return len(planned.edits)
-    return ADDITIVE_WORK_COPIES
+        if shape and all(edit.form.row_blocks for edit in planned.edits):
+            return min(len(planned.edits), 2) * fused_block_elements(shape)
+        return len(planned.edits) * numel
+    return ADDITIVE_WORK_COPIES * numel
 
 
 def streaming_working_set(plan: MergePlan, device: str = "cpu") -> tuple[dict[str, int], str | None]:
@@ -161,8 +171,7 @@ def streaming_working_set(plan: MergePlan, device: str = "cpu") -> tuple[dict[st
     work = factors = 0
     largest = None
     for planned in edited:
-        copies = _work_copies(planned, not device.startswith("cuda"))
-        size = math.prod(planned.output.shape) * working_dtype(planned.source).itemsize * copies
+        size = _work_elements(planned, not device.startswith("cuda")) * working_dtype(planned.source).itemsize
         if size > work:
             work, largest = size, planned.name
         factors = max(factors, _edit_factor_bytes(planned))

@@ -310,6 +310,26 @@ def build_methods(base: Path, adapter: Path, devices: Sequence[str], args: argpa
                     parse_json=True,
                 )
             )
+    for label, command in (variant.split("=", 1) for variant in args.variant):
+        # Another build of loractl side by side (an older commit, other thread counts), on the CPU.
+        argv = shlex.split(command)
+        methods.append(
+            Method(
+                f"loractl-{label}",
+                lambda out, argv=argv: [
+                    *argv,
+                    "merge",
+                    str(base),
+                    str(adapter),
+                    str(out),
+                    "--device",
+                    "cpu",
+                    "--json",
+                    "--quiet",
+                ],
+                parse_json=True,
+            )
+        )
     if not args.skip_peft:
         for dev in devices:
             methods.append(
@@ -680,6 +700,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-peft", action="store_true", help="do not run the transformers + PEFT baseline")
     p.add_argument("--skip-loractl", action="store_true", help="do not run loractl (test the harness alone)")
     p.add_argument("--loractl", metavar="CMD", help="command for loractl (default: loractl or python -m lora_cli)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=CMD",
+        help="also time CMD (e.g. env PYTHONPATH=old python3 -m lora_cli) as loractl on the CPU, as loractl-NAME",
+    )
     p.add_argument("--workdir", type=Path, help="where to build checkpoints and outputs (reused if it holds them)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and adapter afterwards")
     p.add_argument("--cold", action="store_true", help="evict the input from the page cache before every run")

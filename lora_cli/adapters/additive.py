@@ -49,6 +49,10 @@ class AdditiveEdit(TensorEdit):
         """The factors, where the delta is a product of two adapter tensors."""
         return None
 
+    def row_blocks(self) -> bool:
+        """Whether `row_delta` gives the delta's rows with the whole delta's bytes (see `EditForm.row_blocks`)."""
+        return False
+
     @property
     def form(self) -> EditForm:
         return EditForm(
@@ -58,6 +62,7 @@ class AdditiveEdit(TensorEdit):
             rank=self.rank,
             scale=None if self.scale is None else self.scale * self.adapter.weight,
             low_rank=self.low_rank(),
+            row_blocks=self.row_blocks(),
         )
 
     def check(self, shape: Shape) -> str | None:

@@ -21,6 +21,8 @@ from lora_cli.numerics import all_finite
 from lora_cli.patterns import pattern_value
 
 Shape = tuple[int, ...]
+# (start, stop, into) -> rows [start, stop) of an additive edit's delta, written into `into` (see `row_delta`).
+RowDelta = Callable[[int, int, torch.Tensor], torch.Tensor]
 # The module path under which tensors saved once for the whole model are grouped, not per module.
 SHARED_MODULE = ""
 
@@ -190,6 +192,9 @@ class EditForm:
     low_rank: LowRank | None = None
     rows: bool = False
     revert_needs_base: bool = False
+    # An additive delta that can be formed a block of rows at a time (`TensorEdit.row_delta`) with the same bytes
+    # as the whole: the engine then adds it to W block by block, in cache, never holding a weight-sized delta.
+    row_blocks: bool = False
 
     @property
     def is_additive(self) -> bool:
@@ -222,6 +227,11 @@ class TensorEdit(ABC):
     def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         """For an additive edit, the delta it adds to a base tensor of `shape` (ADAPTER@w applied)."""
         raise TypeError(f"{type(self).__name__} is not additive ({self.form.kind})")
+
+    def row_delta(self, shape: Shape, ctx: EditContext) -> RowDelta:
+        """Where `form.row_blocks`: the delta's rows on demand. The factors are loaded once, here; the function
+        returned writes rows [start, stop) of `delta(shape, ctx)`, bit for bit, into `into` and returns them."""
+        raise TypeError(f"{type(self).__name__} does not form its delta by rows")
 
     def check(self, shape: Shape) -> str | None:
         """Why this edit cannot apply to a base tensor of `shape`, or None when it fits."""

@@ -26,6 +26,7 @@ from lora_cli.adapters.base import (
     EditContext,
     EditForm,
     LowRank,
+    RowDelta,
     Shape,
     TensorEdit,
 )
@@ -164,6 +165,26 @@ class LoraEdit(AdditiveEdit):
         transposed = factors.layout == "embedding" or factors.fan_in_fan_out
         scale = factors.scaling * self.adapter.weight
         return LowRank(factors.a_key, factors.b_key, factors.rank, scale, transposed)
+
+    def row_blocks(self) -> bool:
+        # A block of B's rows times A gives those rows of B @ A with the same sums, in the same order (the BLAS
+        # splits M and N, never the rank, across its kernels); tests/test_row_blocks.py pins it. The transposed
+        # layouts would need column blocks, and a variant rescales the whole: both take the whole delta.
+        factors = self.factors
+        return self.variant is None and factors.layout == "linear" and not factors.fan_in_fan_out
+
+    def row_delta(self, shape: Shape, ctx: EditContext) -> RowDelta:
+        if not self.row_blocks():
+            return super().row_delta(shape, ctx)
+        a, b = ctx.load(self.factors.a_key), ctx.load(self.factors.b_key)
+        scaling, weight = self.factors.scaling, self.adapter.weight
+
+        def rows(start: int, stop: int, into: torch.Tensor) -> torch.Tensor:
+            # `lora_delta`'s operations on a block of rows: (B @ A) * scaling, then ADAPTER@w, each rounded once.
+            delta = torch.matmul(b[start:stop], a, out=into).mul_(scaling)
+            return delta if weight == 1.0 else delta.mul_(weight)
+
+        return rows
 
     @property
     def form(self) -> EditForm:
