@@ -23,11 +23,10 @@ from lora_cli.adapters.registry import kind_for
 from lora_cli.combine import CombineOptions, combine_deltas
 from lora_cli.errors import InputError, UnsupportedAdapterError
 from lora_cli.io.atomic import atomic_directory, check_output
-from lora_cli.lowrank import Truncation, tensor_seed, truncated_svd
+from lora_cli.lowrank import Truncation, factor_dtype, tensor_seed, truncated_svd
 from lora_cli.module_deltas import ModuleDelta, module_deltas
 from lora_cli.peft_weighted import PeftCombine, write_peft_weighted_adapter
 
-FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ADAPTER_METHODS = ("cat", "sum", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
@@ -90,8 +89,6 @@ def combine_adapters(
         return _combine_as_peft(adapter_dirs, weights, out, options, started)
     if options.method not in ADAPTER_METHODS:
         raise InputError(f"--method {options.method!r} is not one of {', '.join(ADAPTER_METHODS)}")
-    if options.dtype not in FACTOR_DTYPES:
-        raise InputError(f"--dtype {options.dtype!r} is not one of {', '.join(FACTOR_DTYPES)}")
     if len(adapter_dirs) < 1:
         raise InputError("combine needs at least one ADAPTER and OUT", fix="see loractl combine --help")
     combine = None
@@ -103,7 +100,7 @@ def combine_adapters(
             seed=options.seed,
             normalize=options.normalize,
         )
-    dtype = FACTOR_DTYPES[options.dtype]
+    dtype = factor_dtype(options.dtype)
     adapters = [load_adapter(path) for path in adapter_dirs]
     sources: list[dict[str, ModuleDelta]] = []
     for adapter in adapters:
@@ -210,8 +207,7 @@ def _combine_as_peft(
     adapter_dirs: list[Path], weights: list[float], out: Path, options: CombineAdaptersOptions, started: float
 ) -> CombineSummary:
     """`--peft-compatible`: the adapter PEFT's add_weighted_adapter would make, saved as PEFT saves it."""
-    if options.dtype not in FACTOR_DTYPES:
-        raise InputError(f"--dtype {options.dtype!r} is not one of {', '.join(FACTOR_DTYPES)}")
+    factor_dtype(options.dtype)
     if options.truncation is not None and options.truncation.rank is None:
         raise InputError("--peft-compatible truncates to a rank (PEFT's svd_rank): pass --rank, not --energy")
     peft = PeftCombine(
@@ -222,7 +218,7 @@ def _combine_as_peft(
         seed=options.seed,
     )
     written = write_peft_weighted_adapter(
-        adapter_dirs, weights, out, peft, dtype=FACTOR_DTYPES[options.dtype], overwrite=options.overwrite
+        adapter_dirs, weights, out, peft, dtype=factor_dtype(options.dtype), overwrite=options.overwrite
     )
     modules = [CombinedModule(m.module, m.inputs, m.rank, m.energy_kept) for m in written.modules]
     kept = [m.energy_kept for m in modules if m.energy_kept is not None]

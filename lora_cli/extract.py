@@ -23,13 +23,11 @@ from lora_cli.errors import AdapterMismatchError, InputError, NonFiniteError
 from lora_cli.io.atomic import atomic_directory, check_output
 from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
 from lora_cli.io.safetensors_file import read_tensor
-from lora_cli.lowrank import Truncation, relative_error, tensor_seed, truncated_svd
+from lora_cli.lowrank import Truncation, factor_dtype, relative_error, tensor_seed, truncated_svd
 from lora_cli.memstats import MemoryMonitor
 from lora_cli.module_kinds import module_kinds
 from lora_cli.numerics import all_finite
 from lora_cli.stream import Pipeline
-
-FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -133,19 +131,10 @@ def extract(
     """Write to `out` a LoRA adapter approximating TUNED - BASE; see the module docstring."""
     started = time.perf_counter()
     how = options.truncation
-    if (how.rank is None) == (how.energy is None):
-        raise InputError("give exactly one of --rank and --energy")
-    if how.rank is not None and how.rank < 1:
-        raise InputError(f"--rank {how.rank} must be at least 1")
-    if how.energy is not None and not 0 < how.energy <= 1:
-        raise InputError(f"--energy {how.energy} must be in (0, 1]", fix="e.g. --energy 0.9 keeps 90% of each delta")
-    if how.max_rank is not None and how.max_rank < 1:
-        raise InputError(f"--max-rank {how.max_rank} must be at least 1")
-    if options.dtype not in FACTOR_DTYPES:
-        raise InputError(f"--dtype {options.dtype!r} is not one of {', '.join(FACTOR_DTYPES)}")
+    how.check()
+    dtype = factor_dtype(options.dtype)
     _compile(options.include, "--include")
     _compile(options.exclude, "--exclude")
-    factor_dtype = FACTOR_DTYPES[options.dtype]
     device = pick_device(options.device)
 
     base, tuned = open_checkpoint(base_dir), open_checkpoint(tuned_dir)
@@ -157,7 +146,7 @@ def extract(
         out,
         [base_dir, tuned_dir],
         overwrite=options.overwrite,
-        needed_bytes=_largest_output(tuned, jobs, kinds, how, factor_dtype),
+        needed_bytes=_largest_output(tuned, jobs, kinds, how, dtype),
     )
     if on_total is not None:
         on_total(sum(base.tensors[n].nbytes + tuned.tensors[n].nbytes for n in jobs))
@@ -194,7 +183,7 @@ def extract(
             error = relative_error(delta, low)
             delta_sq = float(torch.linalg.vector_norm(delta)) ** 2
             report = ModuleReport(name, "lora", list(new.shape), low.a.shape[0], low.energy_kept, error, low.method)
-            return _Lora(module, low.a.to(factor_dtype).cpu(), low.b.to(factor_dtype).cpu(), report, delta_sq)
+            return _Lora(module, low.a.to(dtype).cpu(), low.b.to(dtype).cpu(), report, delta_sq)
         if new.ndim == 1:
             return _Whole(name, new, new.float() - old.float())
         return _Whole(name, new, None)
@@ -235,7 +224,7 @@ def extract(
             for item in deferred:
                 owner = _module(item.tensor)
                 if item.tensor.endswith(".bias") and owner in extracted and item.delta is not None:
-                    writer.add_lora_bias(owner, item.delta.to(factor_dtype))
+                    writer.add_lora_bias(owner, item.delta.to(dtype))
                     reports.append(ModuleReport(item.tensor, "lora_bias", list(item.value.shape)))
                 else:
                     writer.add_saved(item.tensor, item.value)

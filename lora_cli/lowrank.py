@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_cli.errors import InputError
+
 # Exact SVD when the smaller side is at most this, or the sketch would cover a third of it anyway: an exact
 # LAPACK SVD of a 1024-wide matrix costs less than the sketch's passes over a large one.
 EXACT_MAX_SIDE = 1024
@@ -26,6 +28,16 @@ POWER_ITERATIONS = 6
 ENERGY_FIRST_SKETCH = 64
 
 
+# The dtypes written adapter factors may be stored in (`--dtype` of extract, resize and combine).
+FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def factor_dtype(name: str) -> torch.dtype:
+    if name not in FACTOR_DTYPES:
+        raise InputError(f"--dtype {name!r} is not one of {', '.join(FACTOR_DTYPES)}")
+    return FACTOR_DTYPES[name]
+
+
 @dataclass(frozen=True)
 class Truncation:
     """How to choose the kept rank: a fixed rank, or the least rank keeping `energy` of sum(s^2); `max_rank` caps."""
@@ -33,6 +45,19 @@ class Truncation:
     rank: int | None = None
     energy: float | None = None
     max_rank: int | None = None
+
+    def check(self) -> None:
+        """Refuse options that choose no rank (or two ways at once), naming the option."""
+        if (self.rank is None) == (self.energy is None):
+            raise InputError("give exactly one of --rank and --energy")
+        if self.rank is not None and self.rank < 1:
+            raise InputError(f"--rank {self.rank} must be at least 1")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise InputError(
+                f"--energy {self.energy} must be in (0, 1]", fix="e.g. --energy 0.9 keeps 90% of each delta"
+            )
+        if self.max_rank is not None and self.max_rank < 1:
+            raise InputError(f"--max-rank {self.max_rank} must be at least 1")
 
     def choose(self, singular: torch.Tensor, total_energy: float) -> int:
         """The kept rank for these singular values (descending) of a delta of squared norm `total_energy`."""
@@ -58,7 +83,7 @@ class Truncation:
 
 
 @dataclass(frozen=True)
-class LowRank:
+class TruncatedSvd:
     """delta ~ b @ a with a [k, in] and b [out, k], the singular values split evenly (sqrt on each side)."""
 
     a: torch.Tensor
@@ -86,7 +111,9 @@ def _randomized(delta: torch.Tensor, q: int, seed: int) -> tuple[torch.Tensor, t
     return u, s, v.T
 
 
-def truncated_svd(delta: torch.Tensor, how: Truncation, *, seed: int, exact_max_side: int = EXACT_MAX_SIDE) -> LowRank:
+def truncated_svd(
+    delta: torch.Tensor, how: Truncation, *, seed: int, exact_max_side: int = EXACT_MAX_SIDE
+) -> TruncatedSvd:
     """Best rank-k factors of a 2-D fp32 delta (k from `how`), exact up to `exact_max_side`, else randomized."""
     rows, cols = delta.shape
     side = min(rows, cols)
@@ -107,7 +134,7 @@ def truncated_svd(delta: torch.Tensor, how: Truncation, *, seed: int, exact_max_
             if k + OVERSAMPLE_MIN <= q or (how.max_rank is not None and k >= how.max_rank):
                 a, b = _split(u, s, vh, k)
                 kept = float((s[:k].double() ** 2).sum() / total) if total > 0 else 1.0
-                return LowRank(a, b, s[:k].clone(), kept, "randomized")
+                return TruncatedSvd(a, b, s[:k].clone(), kept, "randomized")
             if 3 * 2 * q >= side:
                 break
             q *= 2
@@ -115,10 +142,10 @@ def truncated_svd(delta: torch.Tensor, how: Truncation, *, seed: int, exact_max_
     k = how.choose(s, total)
     a, b = _split(u, s, vh, k)
     kept = float((s[:k].double() ** 2).sum() / total) if total > 0 else 1.0
-    return LowRank(a.contiguous(), b.contiguous(), s[:k].clone(), kept, "exact")
+    return TruncatedSvd(a.contiguous(), b.contiguous(), s[:k].clone(), kept, "exact")
 
 
-def factored_svd(b: torch.Tensor, a: torch.Tensor, how: Truncation) -> LowRank:
+def factored_svd(b: torch.Tensor, a: torch.Tensor, how: Truncation) -> TruncatedSvd:
     """Best rank-k factors of b @ a (b [out, r], a [r, in]) without forming it: b = Qb Rb, a.T = Qa Ra, so
     b @ a = Qb (Rb Ra.T) Qa.T and the SVD of the r x r core gives those of the product exactly."""
     qb, rb = torch.linalg.qr(b)
@@ -130,10 +157,10 @@ def factored_svd(b: torch.Tensor, a: torch.Tensor, how: Truncation) -> LowRank:
     new_b = (qb @ u[:, :k]) * root
     new_a = (vh[:k] @ qa.T) * root[:, None]
     kept = float((s[:k].double() ** 2).sum() / total) if total > 0 else 1.0
-    return LowRank(new_a.contiguous(), new_b.contiguous(), s[:k].clone(), kept, "factored")
+    return TruncatedSvd(new_a.contiguous(), new_b.contiguous(), s[:k].clone(), kept, "factored")
 
 
-def relative_error(delta: torch.Tensor, low: LowRank, *, rows_per_chunk: int = 1024) -> float:
+def relative_error(delta: torch.Tensor, low: TruncatedSvd, *, rows_per_chunk: int = 1024) -> float:
     """||delta - b @ a|| / ||delta|| (Frobenius), by row blocks so that no second delta-sized tensor exists."""
     total = float(torch.linalg.vector_norm(delta)) ** 2
     if total == 0:

@@ -22,10 +22,9 @@ from lora_cli.adapters.loading import load_adapter
 from lora_cli.adapters.registry import kind_for
 from lora_cli.errors import InputError, UnsupportedAdapterError
 from lora_cli.io.atomic import atomic_directory, check_output
-from lora_cli.lowrank import LowRank, Truncation, factored_svd, tensor_seed, truncated_svd
+from lora_cli.lowrank import TruncatedSvd, Truncation, factor_dtype, factored_svd, tensor_seed, truncated_svd
 from lora_cli.module_deltas import module_deltas
 
-FACTOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESIZABLE = ("LORA", "LOHA", "LOKR")
 
 
@@ -60,15 +59,8 @@ class ResizeSummary:
 def resize(adapter_dir: Path, out: Path, options: ResizeOptions) -> ResizeSummary:
     started = time.perf_counter()
     how = options.truncation
-    if (how.rank is None) == (how.energy is None):
-        raise InputError("give exactly one of --rank and --energy")
-    if how.rank is not None and how.rank < 1:
-        raise InputError(f"--rank {how.rank} must be at least 1")
-    if how.energy is not None and not 0 < how.energy <= 1:
-        raise InputError(f"--energy {how.energy} must be in (0, 1]", fix="e.g. --energy 0.9 keeps 90% of each delta")
-    if options.dtype not in FACTOR_DTYPES:
-        raise InputError(f"--dtype {options.dtype!r} is not one of {', '.join(FACTOR_DTYPES)}")
-    dtype = FACTOR_DTYPES[options.dtype]
+    how.check()
+    dtype = factor_dtype(options.dtype)
     adapter = load_adapter(adapter_dir)
     if adapter.peft_type not in RESIZABLE:
         raise UnsupportedAdapterError(
@@ -97,7 +89,7 @@ def resize(adapter_dir: Path, out: Path, options: ResizeOptions) -> ResizeSummar
         writer = AdapterWriter(tmp)
         try:
             for source in sources:
-                low: LowRank
+                low: TruncatedSvd
                 if source.factors is not None:
                     a_key, b_key, scale, old_rank = source.factors
                     a, b = wide.load(a_key), wide.load(b_key)
