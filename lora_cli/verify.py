@@ -155,7 +155,7 @@ def check_manifest(directory: Path) -> VerifyReport:
         if not file.is_file():
             raise InputError(f"{name} is missing", path=directory, fix="the artifact is incomplete; copy it again")
         if sha256_file(file) != digest:
-            raise InputError(f"{name} does not match its SHA-256 in {MANIFEST}", path=file, fix="copy it again")
+            raise InputError(f"does not match its SHA-256 in {MANIFEST}", path=file, fix="copy it again")
         if name.endswith(".safetensors"):
             tensors += len(read_header(file).tensors)
     extra = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name not in expected and p.name != MANIFEST)

@@ -7,19 +7,13 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
+
+if TYPE_CHECKING:  # rich.progress is imported when a bar is drawn: start-up stays fast
+    from rich.progress import Progress, TaskID
+    from rich.table import Table
 
 
 class Output:
@@ -55,11 +49,20 @@ class Output:
         if not self.human or not self.err.is_terminal:
             yield ByteProgress(None, None)
             return
+        from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+        from rich.text import Text
+
+        class BinarySpeedColumn(ProgressColumn):
+            """MiB/s (rich's TransferSpeedColumn counts MB/s; the summaries count MiB)."""
+
+            def render(self, task: Any) -> Text:
+                return Text("" if task.speed is None else f"{human_bytes(task.speed)}/s", style="progress.data.speed")
+
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            DownloadColumn(binary_units=True),  # MiB, as the summaries count
+            BinarySpeedColumn(),
             TimeRemainingColumn(),
         )
         with Progress(*columns, console=self.err, transient=True) as bar:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from lora_cli.cli._errors import user_errors
-from lora_cli.cli._options import AdapterRevisionOpt, DebugOpt, JsonOpt, QuietOpt, RevisionOpt
+from lora_cli.cli._options import DebugOpt, JsonOpt, QuietOpt, revision_option
 from lora_cli.cli._output import Output, human_bytes
 from lora_cli.errors import InputError
-from lora_cli.inspect import EFFECTIVE_RANK_HELP, AdapterReport, CheckpointReport, inspect_ref
-from lora_cli.resolve import ResolvedSource, resolve
+
+if TYPE_CHECKING:
+    from lora_cli.inspect import AdapterReport, CheckpointReport
+    from lora_cli.resolve import ResolvedSource
 
 INSPECT_EXAMPLES = """
 Examples:
@@ -30,6 +31,8 @@ Examples:
 
 def _resolve_either(ref: str, revision: str | None) -> ResolvedSource:
     """An adapter (folder or Hub id; tried first), or else a Hub model repo to describe as a checkpoint."""
+    from lora_cli.resolve import resolve
+
     try:
         return resolve(ref, role="adapter", revision=revision)
     except InputError:
@@ -42,7 +45,11 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}g}"
 
 
-def render_adapter(output: Output, report: AdapterReport) -> None:
+def render_adapter(output: Output, report: AdapterReport, wide: bool = False) -> None:
+    from rich.table import Table
+
+    from lora_cli.inspect import EFFECTIVE_RANK_HELP
+
     summary = Table(title=f"adapter {report.ref}", show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column()
@@ -102,6 +109,8 @@ def render_adapter(output: Output, report: AdapterReport) -> None:
 
 
 def render_checkpoint(output: Output, report: CheckpointReport) -> None:
+    from rich.table import Table
+
     summary = Table(title=f"checkpoint {report.ref}", show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column()
@@ -147,8 +156,19 @@ def inspect_command(
         str | None,
         typer.Option("--base", help="Base model to check the adapter against (folder or Hub id).", show_default=False),
     ] = None,
-    revision: AdapterRevisionOpt = None,
-    base_revision: RevisionOpt = None,
+    revision: Annotated[
+        str | None,
+        typer.Option(
+            "--revision",
+            "--adapter-revision",
+            metavar="REV",
+            help="Branch, tag or commit of ADAPTER (or of the checkpoint) when it is a Hub repo id.",
+        ),
+    ] = None,
+    base_revision: Annotated[str | None, revision_option("--base", "--base-revision")] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Every column of the modules table, however wide the terminal.")
+    ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -161,14 +181,17 @@ def inspect_command(
     delta's top-r singular vectors). Effective rank = exp(entropy of the singular values normalised to sum 1):
     k equal singular values give k. Given a model checkpoint instead, describe it and its loractl provenance.
     """
+    from lora_cli.inspect import AdapterReport, inspect_ref
+    from lora_cli.resolve import resolve
+
     output = Output(json_mode=json_output, quiet=quiet)
-    with user_errors(debug):
+    with user_errors(debug, json_output=json_output, done="the report had been made"):
         report = inspect_ref(
             _resolve_either(adapter, revision),
             base=resolve(base, role="base", revision=base_revision) if base else None,
         )
     output.json(report)
     if isinstance(report, AdapterReport):
-        render_adapter(output, report)
+        render_adapter(output, report, wide)
     else:
         render_checkpoint(output, report)

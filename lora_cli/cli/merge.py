@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from lora_cli.adapters.lineage import source_lineage
 from lora_cli.cli._common import check_dtype, parse_size, render_summary, resolve_adapters
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import (
@@ -23,10 +22,7 @@ from lora_cli.cli._options import (
     VerifyOpt,
 )
 from lora_cli.cli._output import Output
-from lora_cli.engine import WriteOptions
 from lora_cli.errors import AdapterMismatchError, InputError
-from lora_cli.merge import merge
-from lora_cli.resolve import resolve
 
 MERGE_EXAMPLES = """
 Examples:
@@ -37,7 +33,7 @@ Examples:
 
   loractl merge ./base ./a@0.7 ./b@0.3 ./merged            (weighted sum of deltas)
 
-  loractl merge ./base ./lora ./merged --dtype float32 --max-shard-size 2GB --json
+  loractl merge ./base ./lora ./merged --dtype bf16 --max-shard-size 2GB --json
 """
 
 
@@ -76,8 +72,16 @@ def merge_command(
     applied in order in one pass; ADAPTER@W scales that adapter's delta by W (for LoRA, what PEFT's
     add_weighted_adapter with combination_type="cat" gives). OUT appears whole or not at all.
     """
+    # The library (torch, transformers) is imported here, not at start-up: --help stays instant, and an
+    # interruption during these imports exits 130 at once (cli/_signals.py).
+    from lora_cli.adapters.lineage import source_lineage
+    from lora_cli.engine import WriteOptions
+    from lora_cli.merge import merge
+    from lora_cli.resolve import resolve
+
     output = Output(json_mode=json_output, quiet=quiet)
-    with user_errors(debug):
+    out = adapters_and_out[-1]
+    with user_errors(debug, json_output=json_output, out=out):
         if len(adapters_and_out) < 2:
             raise InputError("merge needs BASE, at least one ADAPTER, and OUT", fix="see loractl merge --help")
         *adapter_args, out = adapters_and_out
@@ -98,5 +102,5 @@ def merge_command(
             summary = merge(
                 base_source, specs, Path(out), options, progress=bar, on_plan=lambda p: bar.set_total(p.output_bytes)
             )
-        summary.warnings[:0] = lineage
-        render_summary(output, summary, "merge")
+    summary.warnings[:0] = lineage
+    render_summary(output, summary, "merge")

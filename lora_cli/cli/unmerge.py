@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from lora_cli.cli._common import check_dtype, parse_size, render_summary, resolve_adapters
 from lora_cli.cli._errors import user_errors
@@ -19,14 +18,14 @@ from lora_cli.cli._options import (
     MaxShardOpt,
     OverwriteOpt,
     QuietOpt,
-    RevisionOpt,
     VerifyOpt,
+    revision_option,
 )
 from lora_cli.cli._output import Output
-from lora_cli.engine import WriteOptions
-from lora_cli.errors import InputError
-from lora_cli.resolve import resolve
-from lora_cli.unmerge import UnmergeSummary, unmerge
+from lora_cli.errors import InputError, SwappedArgumentsError
+
+if TYPE_CHECKING:
+    from lora_cli.unmerge import UnmergeSummary
 
 UNMERGE_EXAMPLES = """
 Examples:
@@ -41,7 +40,12 @@ Examples:
 """
 
 
+UNMERGE_SWAP_FIX = "pass the merged checkpoint first, then the adapters, then OUT"
+
+
 def render_unmerge(output: Output, summary: UnmergeSummary) -> None:
+    from rich.table import Table
+
     render_summary(output, summary, "unmerge")
     output.line(f"expected error: {summary.expected_error}")
     if summary.base_used_for:
@@ -87,7 +91,7 @@ def unmerge_command(
         str | None,
         typer.Option("--check-against", help="Measure the error of every reverted tensor against this checkpoint."),
     ] = None,
-    revision: RevisionOpt = None,
+    revision: Annotated[str | None, revision_option("MERGED")] = None,
     adapter_revision: AdapterRevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -105,8 +109,13 @@ def unmerge_command(
     dtypes are kept unless --dtype is given. bf16/fp16 round trips are not exact: expect about 1 ulp per element
     at the larger magnitude of W and the merged value; --check-against BASE measures it per tensor.
     """
+    from lora_cli.engine import WriteOptions
+    from lora_cli.resolve import resolve
+    from lora_cli.unmerge import unmerge
+
     output = Output(json_mode=json_output, quiet=quiet)
-    with user_errors(debug):
+    out = adapters_and_out[-1]
+    with user_errors(debug, json_output=json_output, out=out):
         if len(adapters_and_out) < 2:
             raise InputError("unmerge needs MERGED, at least one ADAPTER, and OUT", fix="see loractl unmerge --help")
         *adapter_args, out = adapters_and_out
@@ -122,14 +131,19 @@ def unmerge_command(
         base_source = resolve(base, role="base") if base else None
         reference = resolve(check_against, role="checkpoint") if check_against else None
         with output.progress("unmerging") as bar:
-            summary = unmerge(
-                merged_source,
-                specs,
-                Path(out),
-                options,
-                base=base_source,
-                check_against=reference,
-                progress=bar,
-                on_plan=lambda p: bar.set_total(p.output_bytes),
-            )
-        render_unmerge(output, summary)
+            try:
+                summary = unmerge(
+                    merged_source,
+                    specs,
+                    Path(out),
+                    options,
+                    base=base_source,
+                    check_against=reference,
+                    progress=bar,
+                    on_plan=lambda p: bar.set_total(p.output_bytes),
+                )
+            except SwappedArgumentsError as exc:
+                if exc.path != str(merged_source.path):
+                    raise
+                raise SwappedArgumentsError(exc.message, path=exc.path, fix=UNMERGE_SWAP_FIX) from None
+    render_unmerge(output, summary)

@@ -14,11 +14,13 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lora_cli.errors import InputError
-from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, itemsize
+from lora_cli.io.dtypes import ITEMSIZES, itemsize
+
+if TYPE_CHECKING:  # torch is imported where tensors are read, so that reading headers stays fast
+    import torch
 
 # The reference implementation refuses headers above 100 MB; a larger claim means a corrupt or hostile file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -42,6 +44,8 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH
+
         return SAFETENSORS_TO_TORCH[self.dtype]
 
 
@@ -128,7 +132,7 @@ def read_header(path: Path) -> SafetensorsFile:
         if not isinstance(spec, dict):
             raise _corrupt(path, f"entry {name!r} is not an object")
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-        if dtype not in SAFETENSORS_TO_TORCH:
+        if dtype not in ITEMSIZES:
             raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
@@ -171,6 +175,8 @@ def read_tensor(info: TensorInfo, into: torch.Tensor | None = None) -> torch.Ten
     `into`, a uint8 CPU tensor of at least `info.nbytes` bytes, receives the bytes instead of a new buffer; the
     tensor returned is then a view of it.
     """
+    import torch
+
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
     if into is None:
