@@ -58,6 +58,7 @@ class TensorDiff:
     rel_frobenius: float | None = None
     frac_differ: float | None = None
     allclose: bool | None = None
+    stack: str | None = None  # "encoder" / "decoder" in an encoder-decoder model: each has its own layer N
     cosine: float | None = None
     rank: int | None = None
     # With adapters: whether they edit this tensor, and B's distance from the recomputed merge.
@@ -102,6 +103,7 @@ class LayerSummary:
     differ: int
     components_differ: list[str]
     max_rel_frobenius: float | None
+    stack: str | None = None  # encoder and decoder layer N are two rows
 
 
 @dataclass
@@ -256,6 +258,7 @@ def compare_tensors(name: str, a: torch.Tensor | None, b: torch.Tensor | None, o
         name=name,
         status="identical",
         layer=place.layer,
+        stack=place.stack,
         component=place.component,
         group=place.group,
         dtype_a=_dtype_name(a),
@@ -527,15 +530,21 @@ def summarize_groups(records: list[TensorDiff]) -> list[GroupSummary]:
 
 
 def summarize_layers(records: list[TensorDiff]) -> list[LayerSummary]:
-    layers = sorted({r.layer for r in records if r.layer is not None})
+    """One row per (stack, layer): the encoder's layer 0 and the decoder's layer 0 apart; unlayered tensors last."""
+    order = {None: 0, "encoder": 1, "decoder": 2}
+    keys = sorted({(r.stack, r.layer) for r in records if r.layer is not None}, key=lambda k: (order[k[0]], k[1]))
     out = []
-    for layer in [*layers, None]:
-        members = [r for r in records if r.layer == layer]
+    for stack, layer in [*keys, (None, None)]:
+        if layer is None:
+            members = [r for r in records if r.layer is None]
+        else:
+            members = [r for r in records if r.layer == layer and r.stack == stack]
         if not members:
             continue
         differing = [r for r in members if r.differs]
         out.append(
             LayerSummary(
+                stack=stack,
                 layer=layer,
                 tensors=len(members),
                 differ=len(differing),

@@ -69,7 +69,7 @@ def render_diff(output: Output, result: DiffResult, show_all: bool) -> None:
     for column in ("layer", "tensors", "differ", "components that differ", "max |A-B|/|A|"):
         layers.add_column(column, justify="right" if column in ("tensors", "differ", "max |A-B|/|A|") else "left")
     for layer in result.layers:
-        label = "-" if layer.layer is None else str(layer.layer)
+        label = "-" if layer.layer is None else f"{layer.stack or ''} {layer.layer}".strip()
         parts = _short_components(layer.components_differ)
         layers.add_row(label, str(layer.tensors), str(layer.differ), parts, _num(layer.max_rel_frobenius))
     output.table(layers)
