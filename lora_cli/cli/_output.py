@@ -31,9 +31,18 @@ class Output:
         if self.json_mode:
             sys.stdout.write(json.dumps(to_jsonable(data), indent=2, default=str) + "\n")
 
-    def table(self, table: Table) -> None:
-        if self.human:
+    def table(self, table: Table, *, wide: bool = False) -> None:
+        """Print a table fitted to the terminal; `wide`: at its natural width, however wide the terminal is."""
+        if not self.human:
+            return
+        if not wide:
             self.console.print(table)
+            return
+        from rich.measure import Measurement
+
+        roomy = Console(width=100_000, highlight=False, file=self.console.file)
+        natural = Measurement.get(roomy, roomy.options, table).maximum
+        Console(width=max(natural, self.console.width), highlight=False, file=self.console.file).print(table)
 
     def line(self, text: str) -> None:
         if self.human:

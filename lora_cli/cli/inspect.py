@@ -51,8 +51,8 @@ def render_adapter(output: Output, report: AdapterReport, wide: bool = False) ->
     from lora_cli.inspect import EFFECTIVE_RANK_HELP
 
     summary = Table(title=f"adapter {report.ref}", show_header=False, title_justify="left")
-    summary.add_column(style="bold")
-    summary.add_column()
+    summary.add_column(style="bold", no_wrap=True)
+    summary.add_column(overflow="fold")  # a long regex of target_modules wraps instead of ending in "..."
     params = report.params
     rows = [
         ("type", f"{report.type_label} (peft_type {report.peft_type})"),
@@ -81,31 +81,44 @@ def render_adapter(output: Output, report: AdapterReport, wide: bool = False) ->
     output.table(summary)
 
     with_base = report.fit is not None
+    for warning in report.fit.warnings if with_base else []:
+        output.warn(warning)
     table = Table(title="modules", title_justify="left", caption=EFFECTIVE_RANK_HELP, caption_justify="left")
-    columns = ["tensor", "kind", "delta shape", "rank", "alpha", "scale", "|delta|_F", "eff. rank"]
-    if with_base:
-        columns += ["|delta|/|W|", "amplification"]
+    # The default fits 80 columns: the columns that tell modules apart; --wide adds shape, alpha, scale and the
+    # spectrum-based numbers (all of them are in --json either way).
+    columns = ["tensor", "kind", "rank", "|delta|_F"] + (["|delta|/|W|"] if with_base else [])
+    if wide:
+        columns[2:2] = ["delta shape"]
+        columns[4:4] = ["alpha", "scale"]
+        columns += ["eff. rank"] + (["amplification"] if with_base else [])
     columns.append("note")
     for column in columns:
         justify = "left" if column in ("tensor", "kind", "note") else "right"
-        # Only the note wraps: tensor names and numbers stay whole on one line.
-        table.add_column(column, justify=justify, no_wrap=column != "note", min_width=16 if column == "note" else None)
+        # Names and notes wrap; numbers stay whole, and no column is narrower than its header.
+        wraps = column in ("tensor", "note")
+        table.add_column(
+            column,
+            justify=justify,
+            no_wrap=not wraps,
+            overflow="fold" if column == "tensor" else "ellipsis",
+            min_width=max(len(column), 12 if wraps else 0),
+        )
     for module in report.modules:
-        cells = [
-            module.name,
-            module.kind,
-            "x".join(map(str, module.shape)) if module.shape else "-",
-            "-" if module.rank is None else str(module.rank),
-            _num(module.alpha),
-            _num(module.scale),
-            _num(module.delta_norm),
-            _num(module.effective_rank, 3),
-        ]
-        if with_base:
-            cells += [_num(module.relative_norm, 3), _num(module.amplification, 3)]
-        cells.append(module.note or "")
-        table.add_row(*cells)
-    output.table(table)
+        values = {
+            "tensor": module.name,
+            "kind": module.kind,
+            "delta shape": "x".join(map(str, module.shape)) if module.shape else "-",
+            "rank": "-" if module.rank is None else str(module.rank),
+            "alpha": _num(module.alpha),
+            "scale": _num(module.scale),
+            "|delta|_F": _num(module.delta_norm),
+            "eff. rank": _num(module.effective_rank, 3),
+            "|delta|/|W|": _num(module.relative_norm, 3),
+            "amplification": _num(module.amplification, 3),
+            "note": module.note or "",
+        }
+        table.add_row(*(values[column] for column in columns))
+    output.table(table, wide=wide)
 
 
 def render_checkpoint(output: Output, report: CheckpointReport) -> None:
