@@ -514,7 +514,7 @@ def persistent_buffers(directory: Path) -> set[str]:
             return set()
         with torch.device("meta"):
             model = cls(config)
-    except Exception:  # noqa: BLE001 - any failure here only loses the refinement, never the report
+    except Exception:  # any failure here only loses the refinement, never the report
         return set()
     parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     return {name for name in model.state_dict() if name not in parameters}
