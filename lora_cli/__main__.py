@@ -4,14 +4,17 @@ Only the stdlib is imported before the handler is in place, so an interruption a
 130 with one line (lora_cli/cli/_signals.py).
 """
 
-from lora_cli.cli._signals import install_start_up
+from lora_cli.cli._signals import install_start_up, shutting_down
 
 
 def main() -> None:
     install_start_up()
     from lora_cli.cli.app import app
 
-    app(prog_name="loractl")
+    try:
+        app(prog_name="loractl")
+    finally:
+        shutting_down()
 
 
 if __name__ == "__main__":

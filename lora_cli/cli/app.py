@@ -60,7 +60,10 @@ def _root(
 
 def main() -> None:
     """The `loractl` entry point (lora_cli/__main__.py installs the Ctrl-C handling first, then calls this)."""
-    from lora_cli.cli._signals import install_start_up
+    from lora_cli.cli._signals import install_start_up, shutting_down
 
     install_start_up()
-    app(prog_name="loractl")
+    try:
+        app(prog_name="loractl")
+    finally:
+        shutting_down()
