@@ -146,13 +146,11 @@ def test_interruption_once_out_was_renamed_into_place_says_it_is_complete(tmp_pa
     from lora_cli.cli._errors import user_errors
 
     out = tmp_path / "out"
-    with pytest.raises(typer.Exit) as exit_info:
-        with user_errors(out=str(out)):
-            out.mkdir()
-            raise KeyboardInterrupt
+    with pytest.raises(typer.Exit) as exit_info, user_errors(out=str(out)):
+        out.mkdir()
+        raise KeyboardInterrupt
     assert exit_info.value.exit_code == 130
     assert capsys.readouterr().err == f"interrupted after the work was done: {out} is complete\n"
-    with pytest.raises(typer.Exit):
-        with user_errors(out=str(tmp_path / "never")):
-            raise KeyboardInterrupt
+    with pytest.raises(typer.Exit), user_errors(out=str(tmp_path / "never")):
+        raise KeyboardInterrupt
     assert capsys.readouterr().err == "interrupted: no partial output was left behind\n"
