@@ -184,7 +184,7 @@ def diff_command(
         typer.Option(
             "--max-ulps",
             # The default lives in lora_cli.diff (DEFAULT_MAX_ULPS), which imports torch; --help must not.
-            help="With --adapter: largest residual (ulps of B's dtype) that still passes. [default: 2]",
+            help="With --adapter: largest residual (ulps of B's dtype) that still passes (default: 2).",
             show_default=False,
         ),
     ] = None,
