@@ -84,28 +84,29 @@ def render_adapter(output: Output, report: AdapterReport, wide: bool = False) ->
     for warning in report.fit.warnings if with_base else []:
         output.warn(warning)
     table = Table(title="modules", title_justify="left", caption=EFFECTIVE_RANK_HELP, caption_justify="left")
-    # The default fits 80 columns: the columns that tell modules apart; --wide adds shape, alpha, scale and the
-    # spectrum-based numbers (all of them are in --json either way).
+    # The default fits 80 columns: the columns that tell modules apart, the note under the tensor's name; --wide
+    # adds shape, alpha, scale and the spectrum-based numbers, and the note as a column (all are in --json).
     columns = ["tensor", "kind", "rank", "|delta|_F"] + (["|delta|/|W|"] if with_base else [])
     if wide:
         columns[2:2] = ["delta shape"]
         columns[4:4] = ["alpha", "scale"]
-        columns += ["eff. rank"] + (["amplification"] if with_base else [])
-    columns.append("note")
+        columns += ["eff. rank"] + (["amplification"] if with_base else []) + ["note"]
     for column in columns:
         justify = "left" if column in ("tensor", "kind", "note") else "right"
-        # Names and notes wrap; numbers stay whole, and no column is narrower than its header.
-        wraps = column in ("tensor", "note")
+        # Names, kinds and notes wrap; numbers stay whole, and no column is narrower than its header.
+        wraps = column in ("tensor", "kind", "note")
         table.add_column(
             column,
             justify=justify,
             no_wrap=not wraps,
-            overflow="fold" if column == "tensor" else "ellipsis",
-            min_width=max(len(column), 12 if wraps else 0),
+            overflow="fold" if wraps else "ellipsis",
+            min_width=max(len(column), 16 if column == "tensor" else 0),
+            ratio=3 if column == "tensor" else None,
         )
     for module in report.modules:
+        note = module.note or ""
         values = {
-            "tensor": module.name,
+            "tensor": module.name if wide or not note else f"{module.name}\n[dim]({note})[/dim]",
             "kind": module.kind,
             "delta shape": "x".join(map(str, module.shape)) if module.shape else "-",
             "rank": "-" if module.rank is None else str(module.rank),
@@ -115,7 +116,7 @@ def render_adapter(output: Output, report: AdapterReport, wide: bool = False) ->
             "eff. rank": _num(module.effective_rank, 3),
             "|delta|/|W|": _num(module.relative_norm, 3),
             "amplification": _num(module.amplification, 3),
-            "note": module.note or "",
+            "note": note,
         }
         table.add_row(*(values[column] for column in columns))
     output.table(table, wide=wide)
