@@ -1,3 +1,21 @@
-from lora_cli.cli.app import main
+"""`python -m lora_cli` and the `loractl` script: install the Ctrl-C handling first, then import the app.
 
-main()
+Only the stdlib is imported before the handler is in place, so an interruption at any moment of start-up exits
+130 with one line (lora_cli/cli/_signals.py).
+"""
+
+from lora_cli.cli._signals import install_start_up, shutting_down
+
+
+def main() -> None:
+    install_start_up()
+    from lora_cli.cli.app import app
+
+    try:
+        app(prog_name="loractl")
+    finally:
+        shutting_down()
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,10 @@
 
 `diff` groups what it finds this way, so a summary can say "self-attention matrices: 128 of 128 differ". The
 rules cover Llama/Mistral/Qwen (`model.layers.N.self_attn.q_proj`), GPT-2 (`transformer.h.N.attn.c_attn`),
-GPT-NeoX/Falcon/BERT-style names; anything else (a plain state dict's `fc1.weight`) is "other", unlayered.
+GPT-NeoX/Falcon/BERT-style names, and encoder-decoder models: T5 (`decoder.block.N.layer.1.EncDecAttention.q`,
+`DenseReluDense.wi_0`) and Whisper/BART (`model.decoder.layers.N.encoder_attn.q_proj`, `fc1`), whose encoder and
+decoder each have their own layer N (the `stack`) and whose cross-attention is a component of its own. Anything
+else (a plain state dict's `fc1.weight`) is "other", unlayered.
 """
 
 from __future__ import annotations
@@ -12,8 +15,13 @@ from dataclasses import dataclass
 
 # `layers.N` (Llama), `h.N` (GPT-2, Falcon), `layer.N` (BERT), `block(s).N` (T5, others).
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
-_ATTENTION = {"self_attn", "attn", "attention", "self_attention", "selfattention", "cross_attn", "encdecattention"}
-_MLP = {"mlp", "feed_forward", "ffn", "feedforward", "experts", "block_sparse_moe", "intermediate"}
+_ATTENTION = {"self_attn", "attn", "attention", "self_attention", "selfattention"}
+# Attention over the other stack's output (T5's EncDecAttention, Whisper's and BART's encoder_attn).
+_CROSS_ATTENTION = {"cross_attn", "encdecattention", "encoder_attn", "crossattention", "cross_attention"}
+_MLP = {"mlp", "feed_forward", "ffn", "feedforward", "experts", "block_sparse_moe", "intermediate", "densereludense"}
+# MLP projections that sit directly in a layer, with no MLP module around them (Whisper, BART: layers.N.fc1).
+_BARE_MLP = {"fc1", "fc2"}
+_STACKS = ("encoder", "decoder")
 _ATTN_PARTS = {
     "q": {"q_proj", "query", "q", "wq", "q_lin"},
     "k": {"k_proj", "key", "k", "wk", "k_lin"},
@@ -22,8 +30,8 @@ _ATTN_PARTS = {
     "qkv": {"c_attn", "qkv_proj", "query_key_value", "wqkv", "qkv", "w_pack"},
 }
 _MLP_PARTS = {
-    "gate": {"gate_proj", "w1", "gate"},
-    "up": {"up_proj", "w3", "c_fc", "fc1", "dense_h_to_4h", "fc_in", "wi", "lin1"},
+    "gate": {"gate_proj", "w1", "gate", "wi_0"},  # T5 v1.1's gated MLP: wo(act(wi_0 x) * wi_1 x)
+    "up": {"up_proj", "w3", "c_fc", "fc1", "dense_h_to_4h", "fc_in", "wi", "lin1", "wi_1"},
     "down": {"down_proj", "w2", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "wo", "lin2"},
     "gate/up": {"gate_up_proj"},
 }
@@ -41,7 +49,7 @@ _EMBEDDINGS = {
 }
 _HEADS = {"lm_head", "embed_out", "output_layer"}
 
-GROUPS = ("self-attention", "MLP", "embeddings", "norms", "head", "other")
+GROUPS = ("self-attention", "cross-attention", "MLP", "embeddings", "norms", "head", "other")
 # Display order of components inside the summary.
 COMPONENTS = (
     "self-attention q",
@@ -50,6 +58,11 @@ COMPONENTS = (
     "self-attention o",
     "self-attention qkv",
     "self-attention other",
+    "cross-attention q",
+    "cross-attention k",
+    "cross-attention v",
+    "cross-attention o",
+    "cross-attention other",
     "MLP gate",
     "MLP up",
     "MLP down",
@@ -64,11 +77,13 @@ COMPONENTS = (
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a tensor sits: its layer index (None outside the repeated blocks), component and group."""
+    """Where a tensor sits: its stack (encoder/decoder, None in a decoder-only model), layer index (None outside
+    the repeated blocks), component and group."""
 
     layer: int | None
     component: str
     group: str
+    stack: str | None = None
 
 
 def _is_norm(part: str) -> bool:
@@ -82,18 +97,23 @@ def classify(name: str) -> Placement:
     layer = int(match.group(1)) if match else None
     parts = [p for p in name.split(".") if p not in {"weight", "bias"}]
     lowered = [p.lower() for p in parts]
+    stack = next((p for p in lowered if p in _STACKS), None)
+
+    def place(component: str, group: str) -> Placement:
+        return Placement(layer, component, group, stack)
+
+    tail = lowered[-1] if lowered else ""
     if any(_is_norm(p) for p in parts):
-        return Placement(layer, "norms", "norms")
+        return place("norms", "norms")
     if any(p in _HEADS for p in lowered):
-        return Placement(layer, "head", "head")
+        return place("head", "head")
     if any(p in _EMBEDDINGS for p in lowered):
-        return Placement(layer, "embeddings", "embeddings")
-    if any(p in _ATTENTION for p in lowered):
-        tail = lowered[-1]
-        part = next((key for key, names in _ATTN_PARTS.items() if tail in names), "other")
-        return Placement(layer, f"self-attention {part}", "self-attention")
-    if any(p in _MLP for p in lowered):
-        tail = lowered[-1]
+        return place("embeddings", "embeddings")
+    for kinds, group in ((_CROSS_ATTENTION, "cross-attention"), (_ATTENTION, "self-attention")):
+        if any(p in kinds for p in lowered):
+            part = next((key for key, names in _ATTN_PARTS.items() if tail in names), "other")
+            return place(f"{group} {part}", group)
+    if any(p in _MLP for p in lowered) or (layer is not None and tail in _BARE_MLP):
         part = next((key for key, names in _MLP_PARTS.items() if tail in names), "other")
-        return Placement(layer, f"MLP {part}", "MLP")
-    return Placement(layer, "other", "other")
+        return place(f"MLP {part}", "MLP")
+    return place("other", "other")

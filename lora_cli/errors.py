@@ -30,6 +30,10 @@ class InputError(LoraCtlError):
     """A file we were given is missing, unreadable, corrupt or of the wrong kind."""
 
 
+class SwappedArgumentsError(InputError):
+    """An adapter folder was given where a model checkpoint goes; each command says where it belongs."""
+
+
 class AdapterMismatchError(LoraCtlError):
     """The adapter does not fit the base checkpoint it is applied to."""
 

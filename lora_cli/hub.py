@@ -207,10 +207,9 @@ def _map_hub_error(exc: Exception, repo_id: str, revision: str | None) -> InputE
                 path=where,
                 fix=f"check the repo id; if it is private or gated, {_LOGIN_FIX}",
             )
-        # A bare name may be a mistyped local folder as much as a repo id.
-        also = "" if "/" in repo_id else ", and there is no local folder of that name"
+        # A bare name may be a mistyped local folder as much as a repo id: resolve() says so first.
         return InputError(
-            f"Hub repo not found{also}",
+            "Hub repo not found",
             path=where,
             fix="check the repo id, or log in if it is private: `hf auth login` or HF_TOKEN",
         )

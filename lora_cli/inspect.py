@@ -25,7 +25,7 @@ from lora_cli.components import COMPONENTS, classify
 from lora_cli.errors import InputError
 from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
 from lora_cli.io.safetensors_file import read_tensor
-from lora_cli.plan import MergePlan, build_plan, working_dtype
+from lora_cli.plan import PREFIXES, MergePlan, build_plan, working_dtype
 from lora_cli.resolve import ResolvedSource
 from lora_cli.sources import AdapterSpec, load_adapters, local_source, prepare
 
@@ -82,6 +82,7 @@ class FitReport:
     trainable_params: int
     all_params: int
     trainable_percent: float
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def peft_line(self) -> str:
@@ -457,9 +458,18 @@ def _stats_with_base(plan: MergePlan) -> list[ModuleStats]:
 def _fit(plan: MergePlan, adapter: Adapter, base_ref: str) -> FitReport:
     """PEFT's count: every parameter of the PeftModel (base + adapter layers), trainable = the adapter's.
 
+    As `print_trainable_parameters` counts them: `named_parameters()` of the model the adapter was trained on.
+    So persistent buffers saved in the checkpoint (Gemma-4's `layer_scalar`) are not parameters, and an adapter
+    trained on a bare model (its module names lack the head model's `model.` prefix) does not count the head.
     `base_layer` copies are saved, not trained, so they are not in PEFT's trainable count (nor in its total).
     """
-    base_params = sum(info.numel for info in plan.base.tensors.values())
+    root = _trained_on(plan, adapter)
+    buffers = persistent_buffers(plan.base.directory)
+    base_params = sum(
+        info.numel
+        for name, info in plan.base.tensors.items()
+        if name.startswith(root) and name not in buffers  # under a root: the backbone's, so no head
+    )
     counts = count_params(adapter)
     base_layer_copies = sum(
         math.prod(adapter.weights.shape(key)) for key in adapter.full_tensors.values() if "base_layer" in key.split(".")
@@ -474,7 +484,72 @@ def _fit(plan: MergePlan, adapter: Adapter, base_ref: str) -> FitReport:
         trainable_params=trainable,
         all_params=total,
         trainable_percent=100 * trainable / total if total else 0.0,
+        warnings=unmatched_targets(adapter.config.get("target_modules"), plan.base.tensors),
     )
+
+
+def _trained_on(plan: MergePlan, adapter: Adapter) -> str:
+    """The prefix of the base model the adapter was trained on: "" for the whole (head) model, or e.g. "model."
+    when its module names are the bare backbone's (`layers.0...` against the checkpoint's `model.layers.0...`)."""
+    names = set(plan.base.tensors)
+    for module in adapter.modules:
+        for suffix in (".weight", ".bias", ""):
+            if module + suffix in names:
+                return ""
+            for prefix in PREFIXES:
+                if prefix + module + suffix in names:
+                    return prefix
+    return ""
+
+
+def persistent_buffers(directory: Path) -> set[str]:
+    """Checkpoint names of the persistent buffers of the model in `directory` (in its state dict, not parameters).
+
+    The model is built on the meta device from its config.json (no memory, no weights read); an architecture
+    transformers does not know gives an empty set, so every tensor counts as a parameter.
+    """
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(directory)
+        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        if cls is None:
+            return set()
+        with torch.device("meta"):
+            model = cls(config)
+    except Exception:  # any failure here only loses the refinement, never the report
+        return set()
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return {name for name in model.state_dict() if name not in parameters}
+
+
+def unmatched_targets(targets: object, tensors: dict[str, object]) -> list[str]:
+    """`target_modules` entries that match no module of the base, as PEFT matches them: a name matches when it
+    equals the module's name or is its last dotted part(s); a string is a regex the whole module name must match.
+    An entry that matches nothing adapts nothing (a Phi-1.5 config's `Wqkv` on a model whose layers say `qkv`)."""
+    import re
+
+    modules = {name.rsplit(".", 1)[0] for name in tensors if "." in name}
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return []
+        stripped = modules | {m[len(p) :] for m in modules for p in PREFIXES if m.startswith(p)}
+        try:
+            pattern = re.compile(targets)
+        except re.error:
+            return [f"target_modules {targets!r} is not a valid regex"]
+        if any(pattern.fullmatch(m) for m in stripped):
+            return []
+        return [f"target_modules {targets!r} matches no module of the base: nothing it names is adapted"]
+    if not isinstance(targets, list | tuple | set):
+        return []
+    missing = [t for t in targets if isinstance(t, str) and not any(m == t or m.endswith("." + t) for m in modules)]
+    if not missing:
+        return []
+    return [
+        f"target_modules {', '.join(map(repr, missing))} match{'es' if len(missing) == 1 else ''} no module of the "
+        "base: those layers are not adapted (check the names against the base's modules)"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------

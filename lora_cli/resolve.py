@@ -43,15 +43,38 @@ def resolve(ref: str, *, role: Role, revision: str | None = None, stream: bool =
             )
         return ResolvedSource(ref=ref, path=local.resolve(), revision=None, commit=None, is_local=True)
     if _looks_like_path(ref) or local.exists():
+        what = "is not a folder" if local.exists() else "no such folder"
         raise InputError(
-            f"{_ROLE_NAMES[role]} path is not a folder or does not exist",
+            f"{what}{_did_you_mean(local)}",
             path=ref,
-            fix="pass the folder holding the files, or a Hub repo id such as org/name",
+            fix=f"pass the {_ROLE_NAMES[role]} folder holding the files, or a Hub repo id such as org/name",
         )
     from lora_cli.hub import fetch  # huggingface_hub takes a quarter second to import: only for repo ids
 
-    folder, commit = fetch(ref, adapter=role == "adapter", revision=revision, stream=stream)
+    try:
+        folder, commit = fetch(ref, adapter=role == "adapter", revision=revision, stream=stream)
+    except InputError as exc:
+        # A bare name ("llama-bse"), or org/name where a folder "org" exists here, is a repo id to the Hub but
+        # most often a mistyped local folder: say first that no such folder exists, then what the Hub said.
+        if "/" in ref and not local.parent.is_dir():
+            raise
+        raise InputError(
+            f"no such folder{_did_you_mean(local)}, and as a Hub repo id: {exc.message}", path=ref, fix=exc.fix
+        ) from None
     return ResolvedSource(ref=ref, path=folder, revision=revision, commit=commit, is_local=False)
+
+
+def _did_you_mean(local: Path) -> str:
+    """' (did you mean ./llama-base?)' when a folder beside it has a close name; else ''."""
+    import difflib
+
+    parent = local.parent if str(local.parent) else Path(".")
+    try:
+        names = [p.name for p in parent.iterdir() if p.is_dir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(local.name, names, n=1, cutoff=0.75)
+    return f" (did you mean {parent / close[0]}?)" if close else ""
 
 
 def _looks_like_path(ref: str) -> bool:

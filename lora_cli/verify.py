@@ -225,7 +225,7 @@ def check_manifest(directory: Path) -> VerifyReport:
         if not os.path.lexists(file):
             raise InputError(f"{name} is missing", path=directory, fix="the artifact is incomplete; copy it again")
         if sha256_file(file) != digest:
-            raise InputError(f"{name} does not match its SHA-256 in {MANIFEST}", path=file, fix="copy it again")
+            raise InputError(f"does not match its SHA-256 in {MANIFEST}", path=file, fix="copy it again")
         if name.endswith(".safetensors"):
             with read_header(file) as header:
                 tensors += len(header.tensors)

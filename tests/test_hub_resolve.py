@@ -103,9 +103,9 @@ def test_local_folder_passes_through(tmp_path: Path) -> None:
 
 
 def test_missing_local_path_is_an_input_error(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="not a folder or does not exist"):
+    with pytest.raises(InputError, match="no such folder"):
         resolve(str(tmp_path / "nope"), role="adapter")
-    with pytest.raises(InputError, match="not a folder or does not exist"):
+    with pytest.raises(InputError, match="no such folder"):
         resolve("./surely/not/here", role="base")
 
 
@@ -217,7 +217,7 @@ def test_missing_repo_is_a_clear_input_error(hub: FakeHub) -> None:
     assert "\n" not in line
     assert line.startswith("org/missing: Hub repo not found")
     assert "check the repo id" in line and "hf auth login" in line
-    with pytest.raises(InputError, match=r"^mymodel: Hub repo not found, and there is no local folder of that name"):
+    with pytest.raises(InputError, match=r"^mymodel: no such folder, and as a Hub repo id: Hub repo not found"):
         resolve("mymodel", role="base")
 
 

@@ -6,17 +6,19 @@ Command modules import from here (and `_options`, `_output`, `_errors`), never f
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from lora_cli.adapters.loading import parse_adapter_arg
 from lora_cli.cli._hub import push_rows
-from lora_cli.cli._options import DTYPE_CHOICES
+from lora_cli.cli._options import DTYPE_ALIASES, DTYPE_CHOICES
 from lora_cli.cli._output import Output, human_bytes
-from lora_cli.engine import WriteSummary
 from lora_cli.errors import InputError
-from lora_cli.resolve import resolve
-from lora_cli.sources import AdapterSpec
+
+if TYPE_CHECKING:  # the library (and torch) is imported by the commands that run, not by --help
+    from lora_cli.engine import WriteSummary
+    from lora_cli.sources import AdapterSpec
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -35,22 +37,37 @@ def parse_size(text: str | None) -> int | None:
 
 
 def check_dtype(dtype: str) -> str:
-    dtype = dtype.lower()
-    if dtype not in DTYPE_CHOICES:
-        raise InputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
-    return dtype
+    """The long name of an output dtype: bf16, fp16 and fp32 are accepted beside bfloat16, float16, float32."""
+    name = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if name not in DTYPE_CHOICES:
+        names = ", ".join(f"{long} ({short})" for short, long in DTYPE_ALIASES.items())
+        raise InputError(f"--dtype {dtype!r} is not a dtype loractl writes", fix=f"use auto, {names}")
+    return name
 
 
 def resolve_adapters(args: list[str], revision: str | None, allow_empty: bool = False) -> list[AdapterSpec]:
+    from lora_cli.adapters.loading import parse_adapter_arg
+    from lora_cli.resolve import resolve
+    from lora_cli.sources import AdapterSpec
+
     specs = []
     for arg in args:
         ref, weight = parse_adapter_arg(arg)
+        name, at, text = arg.rpartition("@")
+        if at and name and weight == 1.0 and ref == arg and not Path(arg).expanduser().exists():
+            # Hub repo ids cannot hold '@', so "lora@half" is a weight that is not a number, not a name.
+            raise InputError(
+                f"the weight after '@' ({text!r}) is not a number", path=arg, fix=f"write it like {name}@0.5"
+            )
         specs.append(AdapterSpec(resolve(ref, role="adapter", revision=revision), weight, allow_empty))
     return specs
 
 
-def render_summary(output: Output, summary: WriteSummary, title: str, *, as_json: bool = True) -> None:
+def render_summary(
+    output: Output, summary: WriteSummary, title: str, *, as_json: bool = True, show_output: bool = True
+) -> None:
     """Warnings and a summary table for people; the summary as JSON for machines (unless the caller prints its own)."""
+
     if as_json:
         output.json(summary)
     for warning in summary.warnings:
@@ -58,8 +75,8 @@ def render_summary(output: Output, summary: WriteSummary, title: str, *, as_json
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    rows = [
-        ("output", summary.output),
+    rows = [("output", summary.output)] if show_output else []
+    rows += [
         ("tensors edited", f"{summary.tensors_edited} of {summary.tensors_total}"),
         ("tensors copied as bytes", str(summary.tensors_copied)),
         ("written", f"{human_bytes(summary.bytes_written)} in {len(summary.files)} file(s)"),

@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-RevisionOpt = Annotated[
-    str | None, typer.Option("--revision", help="Branch, tag or commit of BASE when it is a Hub repo id.")
-]
+
+def revision_option(of: str, flag: str = "--revision") -> Any:
+    """`--revision` for the command's first argument, named in the help (BASE for merge, MERGED for unmerge...)."""
+    return typer.Option(flag, metavar="REV", help=f"Branch, tag or commit of {of} when it is a Hub repo id.")
+
+
+RevisionOpt = Annotated[str | None, revision_option("BASE")]
 AdapterRevisionOpt = Annotated[
     str | None,
-    typer.Option("--adapter-revision", help="Branch, tag or commit of the adapter(s) when they are Hub repo ids."),
+    typer.Option(
+        "--adapter-revision", metavar="REV", help="Branch, tag or commit of the adapter(s) when they are Hub repo ids."
+    ),
 ]
 DeviceOpt = Annotated[
     str,
-    typer.Option("--device", help="Where deltas are computed: auto (CUDA when present), cpu, cuda or cuda:N."),
+    typer.Option(
+        "--device", metavar="DEVICE", help="Where deltas are computed: auto (CUDA when present), cpu, cuda or cuda:N."
+    ),
 ]
 DtypeOpt = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="Output dtype of floating tensors: auto keeps the base's, or bfloat16, float16, float32.",
+        metavar="DTYPE",
+        help="Output dtype of floating tensors: auto keeps the input's, or bfloat16 (bf16), float16 (fp16), "
+        "float32 (fp32).",
         case_sensitive=False,
     ),
 ]
@@ -31,7 +41,9 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show a traceback on err
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists (atomically, at the end).")]
 MaxShardOpt = Annotated[
     str | None,
-    typer.Option("--max-shard-size", help="Re-shard the output, e.g. 5GB or 500MB (default: the input's layout)."),
+    typer.Option(
+        "--max-shard-size", metavar="SIZE", help="Re-shard the output, e.g. 5GB or 500MB (default: the input's layout)."
+    ),
 ]
 VerifyOpt = Annotated[
     bool,
@@ -78,3 +90,5 @@ SeedOpt = Annotated[
 NoNormalizeOpt = Annotated[
     bool, typer.Option("--no-normalize", help="ties: do not divide by the sum of the agreeing weights.")
 ]
+
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}

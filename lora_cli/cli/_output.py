@@ -7,19 +7,13 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
+
+if TYPE_CHECKING:  # rich.progress is imported when a bar is drawn: start-up stays fast
+    from rich.progress import Progress, TaskID
+    from rich.table import Table
 
 
 class Output:
@@ -37,9 +31,18 @@ class Output:
         if self.json_mode:
             sys.stdout.write(json.dumps(to_jsonable(data), indent=2, default=str) + "\n")
 
-    def table(self, table: Table) -> None:
-        if self.human:
+    def table(self, table: Table, *, wide: bool = False) -> None:
+        """Print a table fitted to the terminal; `wide`: at its natural width, however wide the terminal is."""
+        if not self.human:
+            return
+        if not wide:
             self.console.print(table)
+            return
+        from rich.measure import Measurement
+
+        roomy = Console(width=100_000, highlight=False, file=self.console.file)
+        natural = Measurement.get(roomy, roomy.options, table).maximum
+        Console(width=max(natural, self.console.width), highlight=False, file=self.console.file).print(table)
 
     def line(self, text: str) -> None:
         if self.human:
@@ -55,11 +58,20 @@ class Output:
         if not self.human or not self.err.is_terminal:
             yield ByteProgress(None, None)
             return
+        from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+        from rich.text import Text
+
+        class BinarySpeedColumn(ProgressColumn):
+            """MiB/s (rich's TransferSpeedColumn counts MB/s; the summaries count MiB)."""
+
+            def render(self, task: Any) -> Text:
+                return Text("" if task.speed is None else f"{human_bytes(task.speed)}/s", style="progress.data.speed")
+
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
+            DownloadColumn(binary_units=True),  # MiB, as the summaries count
+            BinarySpeedColumn(),
             TimeRemainingColumn(),
         )
         with Progress(*columns, console=self.err, transient=True) as bar:

@@ -8,13 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from lora_cli.adapters.loading import parse_adapter_arg
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import DebugOpt, JsonOpt, OverwriteOpt, QuietOpt
 from lora_cli.cli._output import Output
-from lora_cli.combine_adapters import ADAPTER_METHODS, CombineAdaptersOptions, combine_adapters
 from lora_cli.errors import InputError
-from lora_cli.lowrank import Truncation
 
 COMBINE_EXAMPLES = """
 Examples:
@@ -39,7 +36,11 @@ def combine_command(
         ),
     ],
     method: Annotated[
-        str, typer.Option("--method", help=f"One of {', '.join(ADAPTER_METHODS)} (see loractl merge --help).")
+        str,
+        typer.Option(
+            "--method",
+            help="One of cat, sum, ties, dare_linear, dare_ties, magnitude_prune (see loractl merge --help).",
+        ),
     ] = "cat",
     density: Annotated[
         float | None, typer.Option("--density", help="Share of each delta kept (ties, dare_*, ...; default 1).")
@@ -83,6 +84,11 @@ def combine_command(
     the largest input rank) or --energy, with rank_pattern where modules differ; it reports per module the share of
     the combined delta's energy kept. OUT appears whole or not at all.
     """
+    # The library (torch) is imported here, not at start-up: --help stays instant.
+    from lora_cli.adapters.loading import parse_adapter_arg
+    from lora_cli.combine_adapters import CombineAdaptersOptions, combine_adapters
+    from lora_cli.lowrank import Truncation
+
     output = Output(json_mode=json_output, quiet=quiet)
     with user_errors(debug):
         if len(adapters_and_out) < 2:

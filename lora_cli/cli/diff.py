@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from lora_cli.cli._common import resolve_adapters
 from lora_cli.cli._errors import user_errors
@@ -21,12 +20,17 @@ from lora_cli.cli._options import (
     NoNormalizeOpt,
     QuietOpt,
     SeedOpt,
+    revision_option,
 )
 from lora_cli.cli._output import Output, human_bytes
-from lora_cli.combine import CombineOptions
-from lora_cli.diff import DEFAULT_MAX_ULPS, DiffOptions, DiffResult, TensorDiff, diff
-from lora_cli.errors import EXIT_DIFFERENT, EXIT_OK
-from lora_cli.resolve import resolve
+from lora_cli.errors import EXIT_DIFFERENT, EXIT_OK, SwappedArgumentsError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from lora_cli.diff import DiffResult, TensorDiff
+
+DIFF_SWAP_FIX = "diff compares two model checkpoints; give the adapter with --adapter ADAPTER"
 
 DIFF_EXAMPLES = """
 Examples:
@@ -52,6 +56,8 @@ def _status_style(status: str) -> str:
 
 
 def render_diff(output: Output, result: DiffResult, show_all: bool) -> None:
+    from rich.table import Table
+
     output.json(result)
     for warning in result.warnings:
         output.warn(warning)
@@ -76,7 +82,7 @@ def render_diff(output: Output, result: DiffResult, show_all: bool) -> None:
     for column in ("layer", "tensors", "differ", "components that differ", "max |A-B|/|A|"):
         layers.add_column(column, justify="right" if column in ("tensors", "differ", "max |A-B|/|A|") else "left")
     for layer in result.layers:
-        label = "-" if layer.layer is None else str(layer.layer)
+        label = "-" if layer.layer is None else f"{layer.stack or ''} {layer.layer}".strip()
         parts = _short_components(layer.components_differ)
         layers.add_row(label, str(layer.tensors), str(layer.differ), parts, _num(layer.max_rel_frobenius))
     output.table(layers)
@@ -103,6 +109,8 @@ def _short_components(components: list[str]) -> str:
 
 
 def _tensor_table(records: list[TensorDiff], with_check: bool) -> Table:
+    from rich.table import Table
+
     table = Table(title="tensors", title_justify="left")
     with_rank = any(r.rank is not None for r in records)
     table.add_column("name", overflow="fold")
@@ -168,12 +176,8 @@ def diff_command(
         str, typer.Argument(help="Checkpoint A (the base): a local folder or a Hub repo id.", show_default=False)
     ],
     b: Annotated[str, typer.Argument(help="Checkpoint B (e.g. the merged model).", show_default=False)],
-    revision_a: Annotated[
-        str | None, typer.Option("--revision-a", help="Branch, tag or commit of A on the Hub.")
-    ] = None,
-    revision_b: Annotated[
-        str | None, typer.Option("--revision-b", help="Branch, tag or commit of B on the Hub.")
-    ] = None,
+    revision_a: Annotated[str | None, revision_option("A", "--revision-a")] = None,
+    revision_b: Annotated[str | None, revision_option("B", "--revision-b")] = None,
     rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance, as torch.allclose.")] = 1e-5,
     atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance, as torch.allclose.")] = 1e-8,
     rank: Annotated[
@@ -189,15 +193,20 @@ def diff_command(
     ] = None,
     adapter_revision: AdapterRevisionOpt = None,
     max_ulps: Annotated[
-        float,
-        typer.Option("--max-ulps", help="With --adapter: largest residual (ulps of B's dtype) that still passes."),
-    ] = DEFAULT_MAX_ULPS,
+        float | None,
+        typer.Option(
+            "--max-ulps",
+            # The default lives in lora_cli.diff (DEFAULT_MAX_ULPS), which imports torch; --help must not.
+            help="With --adapter: largest residual (ulps of B's dtype) that still passes (default: 2).",
+            show_default=False,
+        ),
+    ] = None,
     combine: CombineOpt = "sum",
     density: DensityOpt = 1.0,
     majority_sign: MajoritySignOpt = "total",
     seed: SeedOpt = 0,
     no_normalize: NoNormalizeOpt = False,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     show_all: Annotated[bool, typer.Option("--all", help="List every tensor, not only the summaries.")] = False,
     allow_empty: AllowEmptyOpt = False,
     json_output: JsonOpt = False,
@@ -213,29 +222,33 @@ def diff_command(
     tensor the adapters edit is recomputed from A as loractl merge does and B's residual is reported in ulps;
     --combine (with its --density, --majority-sign, --seed, --no-normalize) recomputes a `merge --combine`.
     """
+    from lora_cli.combine import CombineOptions
+    from lora_cli.diff import DiffOptions, diff
+    from lora_cli.resolve import resolve
+
     output = Output(json_mode=json_output, quiet=quiet)
-    with user_errors(debug):
+    with user_errors(debug, json_output=json_output, done="the comparison had finished"):
         source_a = resolve(a, role="checkpoint", revision=revision_a)
         source_b = resolve(b, role="checkpoint", revision=revision_b)
         specs = resolve_adapters(adapter, adapter_revision, allow_empty) if adapter else None
-        options = DiffOptions(rtol=rtol, atol=atol, rank=rank, max_ulps=max_ulps, device=device)
+        options = DiffOptions(rtol=rtol, atol=atol, rank=rank, device=device)
+        if max_ulps is not None:
+            options.max_ulps = max_ulps
+        combining = CombineOptions(
+            method=combine,
+            density=density,
+            majority_sign=majority_sign,
+            seed=seed,
+            normalize=False if no_normalize else None,
+        )
         with output.progress("comparing") as bar:
-            result = diff(
-                source_a,
-                source_b,
-                options,
-                specs,
-                progress=bar,
-                on_start=bar.set_total,
-                combine=CombineOptions(
-                    method=combine,
-                    density=density,
-                    majority_sign=majority_sign,
-                    seed=seed,
-                    normalize=False if no_normalize else None,
-                ),
-            )
-        render_diff(output, result, show_all)
+            try:
+                result = diff(
+                    source_a, source_b, options, specs, progress=bar, on_start=bar.set_total, combine=combining
+                )
+            except SwappedArgumentsError as exc:
+                raise SwappedArgumentsError(exc.message, path=exc.path, fix=DIFF_SWAP_FIX) from None
+    render_diff(output, result, show_all)
     # With --adapter the exit code is the verdict: the difference itself is expected.
     failed = result.adapter_check.verdict == "fail" if result.adapter_check is not None else result.differ
     raise typer.Exit(EXIT_DIFFERENT if failed else EXIT_OK)

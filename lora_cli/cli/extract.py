@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -11,9 +11,9 @@ from rich.table import Table
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import DebugOpt, DeviceOpt, JsonOpt, OverwriteOpt, QuietOpt, RevisionOpt
 from lora_cli.cli._output import Output, human_bytes
-from lora_cli.extract import ExtractOptions, ExtractSummary, extract
-from lora_cli.lowrank import Truncation
-from lora_cli.resolve import resolve
+
+if TYPE_CHECKING:
+    from lora_cli.extract import ExtractSummary
 
 EXTRACT_EXAMPLES = """
 Examples:
@@ -107,6 +107,11 @@ def extract_command(
     Reports per module the rank, the share of the delta's energy kept and the relative error of the
     reconstruction. OUT appears whole or not at all.
     """
+    # The library (torch) is imported here, not at start-up: --help stays instant.
+    from lora_cli.extract import ExtractOptions, extract
+    from lora_cli.lowrank import Truncation
+    from lora_cli.resolve import resolve
+
     output = Output(json_mode=json_output, quiet=quiet)
     with user_errors(debug):
         options = ExtractOptions(

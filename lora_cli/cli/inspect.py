@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from lora_cli.cli._errors import user_errors
-from lora_cli.cli._options import AdapterRevisionOpt, AllowEmptyOpt, DebugOpt, JsonOpt, QuietOpt, RevisionOpt
+from lora_cli.cli._options import AllowEmptyOpt, DebugOpt, JsonOpt, QuietOpt, revision_option
 from lora_cli.cli._output import Output, human_bytes
 from lora_cli.errors import InputError
-from lora_cli.inspect import EFFECTIVE_RANK_HELP, AdapterReport, CheckpointReport, inspect_ref
-from lora_cli.resolve import ResolvedSource, resolve
+
+if TYPE_CHECKING:
+    from lora_cli.inspect import AdapterReport, CheckpointReport
+    from lora_cli.resolve import ResolvedSource
 
 INSPECT_EXAMPLES = """
 Examples:
@@ -30,6 +31,8 @@ Examples:
 
 def _resolve_either(ref: str, revision: str | None) -> ResolvedSource:
     """An adapter (folder or Hub id; tried first), or else a Hub model repo to describe as a checkpoint."""
+    from lora_cli.resolve import resolve
+
     try:
         return resolve(ref, role="adapter", revision=revision)
     except InputError:
@@ -42,10 +45,14 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}g}"
 
 
-def render_adapter(output: Output, report: AdapterReport) -> None:
+def render_adapter(output: Output, report: AdapterReport, wide: bool = False) -> None:
+    from rich.table import Table
+
+    from lora_cli.inspect import EFFECTIVE_RANK_HELP
+
     summary = Table(title=f"adapter {report.ref}", show_header=False, title_justify="left")
-    summary.add_column(style="bold")
-    summary.add_column()
+    summary.add_column(style="bold", no_wrap=True)
+    summary.add_column(overflow="fold")  # a long regex of target_modules wraps instead of ending in "..."
     params = report.params
     rows = [
         ("type", f"{report.type_label} (peft_type {report.peft_type})"),
@@ -74,34 +81,50 @@ def render_adapter(output: Output, report: AdapterReport) -> None:
     output.table(summary)
 
     with_base = report.fit is not None
+    for warning in report.fit.warnings if with_base else []:
+        output.warn(warning)
     table = Table(title="modules", title_justify="left", caption=EFFECTIVE_RANK_HELP, caption_justify="left")
-    columns = ["tensor", "kind", "delta shape", "rank", "alpha", "scale", "|delta|_F", "eff. rank"]
-    if with_base:
-        columns += ["|delta|/|W|", "amplification"]
-    columns.append("note")
+    # The default fits 80 columns: the columns that tell modules apart, the note under the tensor's name; --wide
+    # adds shape, alpha, scale and the spectrum-based numbers, and the note as a column (all are in --json).
+    columns = ["tensor", "kind", "rank", "|delta|_F"] + (["|delta|/|W|"] if with_base else [])
+    if wide:
+        columns[2:2] = ["delta shape"]
+        columns[4:4] = ["alpha", "scale"]
+        columns += ["eff. rank"] + (["amplification"] if with_base else []) + ["note"]
     for column in columns:
         justify = "left" if column in ("tensor", "kind", "note") else "right"
-        # Only the note wraps: tensor names and numbers stay whole on one line.
-        table.add_column(column, justify=justify, no_wrap=column != "note", min_width=16 if column == "note" else None)
+        # Names, kinds and notes wrap; numbers stay whole, and no column is narrower than its header.
+        wraps = column in ("tensor", "kind", "note")
+        table.add_column(
+            column,
+            justify=justify,
+            no_wrap=not wraps,
+            overflow="fold" if wraps else "ellipsis",
+            min_width=max(len(column), 16 if column == "tensor" else 0),
+            ratio=3 if column == "tensor" else None,
+        )
     for module in report.modules:
-        cells = [
-            module.name,
-            module.kind,
-            "x".join(map(str, module.shape)) if module.shape else "-",
-            "-" if module.rank is None else str(module.rank),
-            _num(module.alpha),
-            _num(module.scale),
-            _num(module.delta_norm),
-            _num(module.effective_rank, 3),
-        ]
-        if with_base:
-            cells += [_num(module.relative_norm, 3), _num(module.amplification, 3)]
-        cells.append(module.note or "")
-        table.add_row(*cells)
-    output.table(table)
+        note = module.note or ""
+        values = {
+            "tensor": module.name if wide or not note else f"{module.name}\n[dim]({note})[/dim]",
+            "kind": module.kind,
+            "delta shape": "x".join(map(str, module.shape)) if module.shape else "-",
+            "rank": "-" if module.rank is None else str(module.rank),
+            "alpha": _num(module.alpha),
+            "scale": _num(module.scale),
+            "|delta|_F": _num(module.delta_norm),
+            "eff. rank": _num(module.effective_rank, 3),
+            "|delta|/|W|": _num(module.relative_norm, 3),
+            "amplification": _num(module.amplification, 3),
+            "note": note,
+        }
+        table.add_row(*(values[column] for column in columns))
+    output.table(table, wide=wide)
 
 
 def render_checkpoint(output: Output, report: CheckpointReport) -> None:
+    from rich.table import Table
+
     summary = Table(title=f"checkpoint {report.ref}", show_header=False, title_justify="left")
     summary.add_column(style="bold")
     summary.add_column()
@@ -147,8 +170,19 @@ def inspect_command(
         str | None,
         typer.Option("--base", help="Base model to check the adapter against (folder or Hub id).", show_default=False),
     ] = None,
-    revision: AdapterRevisionOpt = None,
-    base_revision: RevisionOpt = None,
+    revision: Annotated[
+        str | None,
+        typer.Option(
+            "--revision",
+            "--adapter-revision",
+            metavar="REV",
+            help="Branch, tag or commit of ADAPTER (or of the checkpoint) when it is a Hub repo id.",
+        ),
+    ] = None,
+    base_revision: Annotated[str | None, revision_option("--base", "--base-revision")] = None,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Every column of the modules table, however wide the terminal.")
+    ] = False,
     allow_empty: AllowEmptyOpt = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -162,8 +196,11 @@ def inspect_command(
     delta's top-r singular vectors). Effective rank = exp(entropy of the singular values normalised to sum 1):
     k equal singular values give k. Given a model checkpoint instead, describe it and its loractl provenance.
     """
+    from lora_cli.inspect import AdapterReport, inspect_ref
+    from lora_cli.resolve import resolve
+
     output = Output(json_mode=json_output, quiet=quiet)
-    with user_errors(debug):
+    with user_errors(debug, json_output=json_output, done="the report had been made"):
         report = inspect_ref(
             _resolve_either(adapter, revision),
             base=resolve(base, role="base", revision=base_revision) if base else None,
@@ -171,6 +208,6 @@ def inspect_command(
         )
     output.json(report)
     if isinstance(report, AdapterReport):
-        render_adapter(output, report)
+        render_adapter(output, report, wide)
     else:
         render_checkpoint(output, report)

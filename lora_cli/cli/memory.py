@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from lora_cli.cli._common import resolve_adapters
 from lora_cli.cli._errors import user_errors
-from lora_cli.cli._options import AdapterRevisionOpt, AllowEmptyOpt, DebugOpt, JsonOpt, QuietOpt, RevisionOpt
+from lora_cli.cli._options import AdapterRevisionOpt, AllowEmptyOpt, DebugOpt, DeviceOpt, JsonOpt, QuietOpt, RevisionOpt
 from lora_cli.cli._output import Output, human_bytes
 from lora_cli.errors import InputError
-from lora_cli.memory import MemoryReport, memory_report, reference_available
-from lora_cli.resolve import resolve
+
+if TYPE_CHECKING:
+    from lora_cli.memory import MemoryReport
 
 MEMORY_EXAMPLES = """
 Examples:
@@ -29,6 +29,8 @@ Examples:
 
 
 def render_memory(output: Output, report: MemoryReport) -> None:
+    from rich.table import Table
+
     output.json(report)
     predicted = report.predicted
     table = Table(title=f"predicted peak memory: {report.base} + {', '.join(report.adapters)}", title_justify="left")
@@ -81,9 +83,7 @@ def memory_command(
     adapter: Annotated[
         list[str], typer.Argument(help="Adapter(s): folders or Hub ids, each optionally ADAPTER@WEIGHT.")
     ],
-    device: Annotated[
-        str, typer.Option("--device", help="cpu, or cuda to predict GPU memory too (and measure on it).")
-    ] = "cpu",
+    device: DeviceOpt = "auto",
     measure: Annotated[
         bool, typer.Option("--measure", help="Run loractl's merge into a temporary folder and sample RAM by phase.")
     ] = False,
@@ -110,8 +110,15 @@ def memory_command(
     this machine's total and available RAM. --measure runs the merge and prints RAM by phase, anonymous memory
     apart from file-backed pages (page cache of the shards, which the kernel can reclaim).
     """
+    from lora_cli.memory import memory_report, reference_available
+    from lora_cli.resolve import resolve
+
     output = Output(json_mode=json_output, quiet=quiet)
-    with user_errors(debug):
+    with user_errors(debug, json_output=json_output, done="the report had been made"):
+        if device == "auto":  # a GPU prediction (and measurement) where one is present, as the merge would use it
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if measure_reference and not reference_available():
             raise InputError("--measure-reference needs peft and transformers", fix="pip install peft")
         if measure_reference and len(adapter) != 1:

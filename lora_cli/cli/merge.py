@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from lora_cli.adapters.lineage import source_lineage
 from lora_cli.cli._common import check_dtype, parse_size, render_summary, resolve_adapters
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._hub import (
@@ -42,12 +41,7 @@ from lora_cli.cli._options import (
     VerifyOpt,
 )
 from lora_cli.cli._output import Output
-from lora_cli.combine import CombineOptions
-from lora_cli.engine import WriteOptions
 from lora_cli.errors import AdapterMismatchError
-from lora_cli.merge import merge
-from lora_cli.peft_weighted import PeftCombine
-from lora_cli.resolve import resolve
 
 MERGE_EXAMPLES = """
 Examples:
@@ -58,7 +52,7 @@ Examples:
 
   loractl merge ./base ./a@0.7 ./b@0.3 ./merged            (weighted sum of deltas)
 
-  loractl merge ./base ./lora ./merged --dtype float32 --max-shard-size 2GB --json
+  loractl merge ./base ./lora ./merged --dtype bf16 --max-shard-size 2GB --json
 
   loractl merge meta-llama/Llama-3.1-8B me/my-lora --push-to-hub me/llama-merged --verify
                                 (streams the base, uploads shard by shard, one commit; no OUT needed)
@@ -130,9 +124,22 @@ def merge_command(
     applied in order in one pass; ADAPTER@W scales that adapter's delta by W (for LoRA, what PEFT's
     add_weighted_adapter with combination_type="cat" gives). OUT appears whole or not at all.
     """
+    # The library (torch, transformers) is imported here, not at start-up: --help stays instant, and an
+    # interruption during these imports exits 130 at once (cli/_signals.py).
+    from lora_cli.adapters.lineage import source_lineage
+    from lora_cli.combine import CombineOptions
+    from lora_cli.engine import WriteOptions
+    from lora_cli.merge import merge
+    from lora_cli.peft_weighted import PeftCombine
+    from lora_cli.resolve import resolve
+
     output = Output(json_mode=json_output, quiet=quiet)
     push = PushArgs(push_to_hub, private, branch, commit_message, create_pr, keep_local)
-    with user_errors(debug), outputs("merge", adapters_and_out, out_option, push, overwrite=overwrite) as found:
+    local_out = out_option or (adapters_and_out[-1] if push_to_hub is None and adapters_and_out else None)
+    with (
+        user_errors(debug, json_output=json_output, out=None if local_out is None else str(local_out)),
+        outputs("merge", adapters_and_out, out_option, push, overwrite=overwrite) as found,
+    ):
         adapter_args, out, publisher = found
         options = WriteOptions(
             device=device,
@@ -177,15 +184,15 @@ def merge_command(
                 combine=combining,
                 peft=peft,
             )
-        summary.warnings[:0] = lineage
-        if publisher is not None and out_option is None:
-            summary.output = f"{push_to_hub} (no local copy)"
-        render_summary(output, summary, "merge")
-        if peft is not None:
-            output.line(f"combined as PEFT's add_weighted_adapter(combination_type={peft.combination_type!r})")
-        elif combining.method != "sum":
-            normalized = "normalized" if combining.normalized else "not normalized"
-            output.line(
-                f"combined with {combining.method} (density {combining.density:g}, "
-                f"majority sign {combining.majority_sign}, seed {combining.seed}, {normalized})"
-            )
+    summary.warnings[:0] = lineage
+    if publisher is not None and out_option is None:
+        summary.output = f"{push_to_hub} (no local copy)"
+    render_summary(output, summary, "merge")
+    if peft is not None:
+        output.line(f"combined as PEFT's add_weighted_adapter(combination_type={peft.combination_type!r})")
+    elif combining.method != "sum":
+        normalized = "normalized" if combining.normalized else "not normalized"
+        output.line(
+            f"combined with {combining.method} (density {combining.density:g}, "
+            f"majority sign {combining.majority_sign}, seed {combining.seed}, {normalized})"
+        )

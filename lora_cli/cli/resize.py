@@ -11,8 +11,6 @@ from rich.table import Table
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import DebugOpt, JsonOpt, OverwriteOpt, QuietOpt
 from lora_cli.cli._output import Output
-from lora_cli.lowrank import Truncation
-from lora_cli.resize import ResizeOptions, resize
 
 RESIZE_EXAMPLES = """
 Examples:
@@ -51,6 +49,10 @@ def resize_command(
     have lora_alpha = r; biases and modules_to_save are carried over. Reports per module the share of the
     delta's energy (sum of s^2) kept. OUT appears whole or not at all.
     """
+    # The library (torch) is imported here, not at start-up: --help stays instant.
+    from lora_cli.lowrank import Truncation
+    from lora_cli.resize import ResizeOptions, resize
+
     output = Output(json_mode=json_output, quiet=quiet)
     with user_errors(debug):
         options = ResizeOptions(

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
 from lora_cli.cli._common import check_dtype, parse_size, render_summary, resolve_adapters
 from lora_cli.cli._errors import user_errors
@@ -33,13 +32,14 @@ from lora_cli.cli._options import (
     MaxShardOpt,
     OverwriteOpt,
     QuietOpt,
-    RevisionOpt,
     VerifyOpt,
+    revision_option,
 )
 from lora_cli.cli._output import Output
-from lora_cli.engine import WriteOptions
-from lora_cli.resolve import resolve
-from lora_cli.unmerge import UnmergeSummary, unmerge
+from lora_cli.errors import SwappedArgumentsError
+
+if TYPE_CHECKING:
+    from lora_cli.unmerge import UnmergeSummary
 
 UNMERGE_EXAMPLES = """
 Examples:
@@ -54,7 +54,12 @@ Examples:
 """
 
 
+UNMERGE_SWAP_FIX = "pass the merged checkpoint first, then the adapters, then OUT"
+
+
 def render_unmerge(output: Output, summary: UnmergeSummary) -> None:
+    from rich.table import Table
+
     render_summary(output, summary, "unmerge")
     output.line(f"expected error: {summary.expected_error}")
     if summary.base_used_for:
@@ -100,7 +105,7 @@ def unmerge_command(
         str | None,
         typer.Option("--check-against", help="Measure the error of every reverted tensor against this checkpoint."),
     ] = None,
-    revision: RevisionOpt = None,
+    revision: Annotated[str | None, revision_option("MERGED")] = None,
     adapter_revision: AdapterRevisionOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -127,9 +132,17 @@ def unmerge_command(
     dtypes are kept unless --dtype is given. bf16/fp16 round trips are not exact: expect about 1 ulp per element
     at the larger magnitude of W and the merged value; --check-against BASE measures it per tensor.
     """
+    from lora_cli.engine import WriteOptions
+    from lora_cli.resolve import resolve
+    from lora_cli.unmerge import unmerge
+
     output = Output(json_mode=json_output, quiet=quiet)
     push = PushArgs(push_to_hub, private, branch, commit_message, create_pr, keep_local)
-    with user_errors(debug), outputs("unmerge", adapters_and_out, out_option, push, overwrite=overwrite) as found:
+    local_out = out_option or (adapters_and_out[-1] if push_to_hub is None and adapters_and_out else None)
+    with (
+        user_errors(debug, json_output=json_output, out=None if local_out is None else str(local_out)),
+        outputs("unmerge", adapters_and_out, out_option, push, overwrite=overwrite) as found,
+    ):
         adapter_args, out, publisher = found
         options = WriteOptions(
             device=device,
@@ -145,16 +158,21 @@ def unmerge_command(
         base_source = resolve(base, role="base") if base else None
         reference = resolve(check_against, role="checkpoint") if check_against else None
         with output.progress("unmerging") as bar:
-            summary = unmerge(
-                merged_source,
-                specs,
-                Path(out),
-                options,
-                base=base_source,
-                check_against=reference,
-                progress=bar,
-                on_plan=lambda p: bar.set_total(p.output_bytes),
-            )
-        if publisher is not None and out_option is None:
-            summary.output = f"{push_to_hub} (no local copy)"
-        render_unmerge(output, summary)
+            try:
+                summary = unmerge(
+                    merged_source,
+                    specs,
+                    Path(out),
+                    options,
+                    base=base_source,
+                    check_against=reference,
+                    progress=bar,
+                    on_plan=lambda p: bar.set_total(p.output_bytes),
+                )
+            except SwappedArgumentsError as exc:
+                if exc.path != str(merged_source.path):
+                    raise
+                raise SwappedArgumentsError(exc.message, path=exc.path, fix=UNMERGE_SWAP_FIX) from None
+    if publisher is not None and out_option is None:
+        summary.output = f"{push_to_hub} (no local copy)"
+    render_unmerge(output, summary)

@@ -10,7 +10,6 @@ import typer
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import DebugOpt, JsonOpt, QuietOpt
 from lora_cli.cli._output import Output
-from lora_cli.verify import check_manifest
 
 VERIFY_EXAMPLES = """
 Examples:
@@ -31,8 +30,10 @@ def verify_command(
 
     Exit 0 when all match, 2 (with the file named) when one is missing, altered or unlisted.
     """
+    from lora_cli.verify import check_manifest  # headers and checksums only: no torch
+
     output = Output(json_mode=json_output, quiet=quiet)
-    with user_errors(debug):
+    with user_errors(debug, json_output=json_output, done="the check had finished"):
         report = check_manifest(out)
     output.json(report)
     output.line(f"verified: {report.tensors} tensors, {report.files} files, {len(report.sha256)} checksums")

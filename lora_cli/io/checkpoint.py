@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_cli.errors import InputError
+from lora_cli.errors import InputError, SwappedArgumentsError
 from lora_cli.filenames import ADAPTER_FILES, CONFIG, INDEX_FILE, SINGLE_FILE
 from lora_cli.io.jsonio import load_json
 from lora_cli.io.remote import remote_shard, remote_shards_in
@@ -76,7 +76,7 @@ def open_checkpoint(directory: Path) -> CheckpointIndex:
     if candidates:
         return _collect(directory, candidates, {})
     if any((directory / name).exists() for name in ADAPTER_FILES):
-        raise InputError(
+        raise SwappedArgumentsError(
             "holds a PEFT adapter, not a model checkpoint",
             path=directory,
             fix="pass the base model first and the adapter second",

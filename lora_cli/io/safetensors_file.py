@@ -13,14 +13,16 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lora_cli.errors import InputError
-from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, itemsize
+from lora_cli.io.dtypes import ITEMSIZES, itemsize
 from lora_cli.io.files import SourceFile
 from lora_cli.io.jsonio import DuplicateKeyError, JsonProblem, parse_json, reject_duplicate_keys
 from lora_cli.io.remote import remote_shard
+
+if TYPE_CHECKING:  # torch is imported where tensors are read, so that reading headers stays fast
+    import torch
 
 # The reference implementation refuses headers above 100 MB; a larger claim means a corrupt or hostile file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -53,6 +55,8 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH
+
         return SAFETENSORS_TO_TORCH[self.dtype]
 
 
@@ -173,7 +177,7 @@ def parse_header(path: Path, raw: bytes, size: int, handle: SourceFile | None = 
         if not isinstance(spec, dict):
             raise _corrupt(path, f"entry {name!r} is not an object")
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in SAFETENSORS_TO_TORCH:
+        if not isinstance(dtype, str) or dtype not in ITEMSIZES:
             raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
@@ -222,6 +226,8 @@ def read_tensor(info: TensorInfo, into: torch.Tensor | None = None) -> torch.Ten
     `into`, a uint8 CPU tensor of at least `info.nbytes` bytes, receives the bytes instead of a new buffer; the
     tensor returned is then a view of it.
     """
+    import torch
+
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
     if into is None:
