@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 # `layers.N` (Llama), `h.N` (GPT-2, Falcon), `layer.N` (BERT), `block(s).N` (T5, others).
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+# One routed expert stored apart: `mlp.experts.N.gate_proj` (Qwen-MoE, DeepSeek), `block_sparse_moe.experts.N.w1`.
+_EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)(?:\.|$)")
+# The router of an MoE block: `mlp.gate` (Qwen-MoE, Mixtral's block_sparse_moe.gate, DeepSeek), `mlp.router`.
+_ROUTER_OWNERS = {"mlp", "block_sparse_moe", "feed_forward", "moe"}
 _ATTENTION = {"self_attn", "attn", "attention", "self_attention", "selfattention", "cross_attn", "encdecattention"}
 _MLP = {"mlp", "feed_forward", "ffn", "feedforward", "experts", "block_sparse_moe", "intermediate"}
 _ATTN_PARTS = {
@@ -54,6 +58,7 @@ COMPONENTS = (
     "MLP up",
     "MLP down",
     "MLP gate/up",
+    "MLP router",
     "MLP other",
     "embeddings",
     "norms",
@@ -69,6 +74,7 @@ class Placement:
     layer: int | None
     component: str
     group: str
+    expert: int | None = None
 
 
 def _is_norm(part: str) -> bool:
@@ -94,6 +100,9 @@ def classify(name: str) -> Placement:
         return Placement(layer, f"self-attention {part}", "self-attention")
     if any(p in _MLP for p in lowered):
         tail = lowered[-1]
+        expert = _EXPERT.search(name)
+        if tail == "router" or (tail == "gate" and len(lowered) > 1 and lowered[-2] in _ROUTER_OWNERS):
+            return Placement(layer, "MLP router", "MLP")
         part = next((key for key, names in _MLP_PARTS.items() if tail in names), "other")
-        return Placement(layer, f"MLP {part}", "MLP")
+        return Placement(layer, f"MLP {part}", "MLP", int(expert.group(1)) if expert else None)
     return Placement(layer, "other", "other")
