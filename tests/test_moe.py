@@ -228,5 +228,14 @@ def test_moe_unmerge_and_memory(tmp_path):
 
     from lora_cli.cli.app import app
 
-    result = CliRunner().invoke(app, ["memory", str(tmp_path / "base"), str(tmp_path / "adapter"), "--json"])
+    runner = CliRunner()
+    result = runner.invoke(app, ["memory", str(tmp_path / "base"), str(tmp_path / "adapter"), "--json"])
     assert result.exit_code == 0, result.output
+    checked = runner.invoke(
+        app,
+        ["diff", str(tmp_path / "base"), str(tmp_path / "merged"), "--adapter", str(tmp_path / "adapter"), "--json"],
+    )
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.output)["adapter_check"]["verdict"] == "exact"
+    shown = runner.invoke(app, ["diff", base, merged])
+    assert "experts by layer" in shown.output and "0-3" in shown.output
