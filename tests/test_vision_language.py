@@ -65,8 +65,9 @@ def test_vision_language_merge_matches_peft_tensors_and_logits(tmp_path, name):
     assert torch.allclose(logits_of(merged, INPUTS), expected, atol=1e-4)
 
 
-def test_vision_language_bf16_merge_is_bit_identical_to_peft(tmp_path):
-    factory = prepare(tmp_path, "paligemma", torch.bfloat16)
+@pytest.mark.parametrize("name", sorted(VLMS))
+def test_vision_language_bf16_merge_is_bit_identical_to_peft(tmp_path, name):
+    factory = prepare(tmp_path, name, torch.bfloat16)
     merge(local_source(tmp_path / "base"), [AdapterSpec(local_source(tmp_path / "adapter"))], tmp_path / "out")
     ours, ref = load_merged(tmp_path / "out"), peft_saved(factory, tmp_path / "adapter", tmp_path / "ref")
     assert all(torch.equal(ours[k], ref[k]) for k in ours)
