@@ -121,9 +121,16 @@ class NameMap:
                 fix="upgrade transformers, or use an adapter saved with the checkpoint's own names",
             )
         fields = {k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}
-        model_config = transformers.AutoConfig.for_model(**fields)
-        with torch.device("meta"):
-            return cls(model_config)
+        try:
+            model_config = transformers.AutoConfig.for_model(**fields)
+            with torch.device("meta"):
+                return cls(model_config)
+        except Exception as exc:  # any config transformers cannot build is the same answer: no known mapping
+            raise NamingError(
+                f"transformers cannot build {self.architecture} from this config.json ({type(exc).__name__}: {exc})",
+                path=self.base.directory / "config.json",
+                fix="repair config.json, or use an adapter saved with the checkpoint's own names",
+            ) from None
 
     @cached_property
     def conversions(self) -> list:
@@ -215,7 +222,10 @@ class NameMap:
         from transformers.core_model_loading import revert_weight_conversion
 
         shape = self.runtime_shapes[runtime]
-        meta = revert_weight_conversion(self.model, {runtime: torch.empty(shape, device="meta")})
+        try:
+            meta = revert_weight_conversion(self.model, {runtime: torch.empty(shape, device="meta")})
+        except Exception:  # a conversion that cannot run on this parameter alone: no plain split to find
+            return []
         outputs = [(name, tuple(tensor.shape)) for name, tensor in meta.items()]
         key = (strip_digits(runtime), shape)
         if key not in self._structures:
@@ -250,7 +260,10 @@ class NameMap:
             view = [1] * len(shape)
             view[axis] = size
             probe = torch.arange(size, dtype=dtype).view(view).expand(shape)
-            converted = revert_weight_conversion(self.model, {runtime: probe})
+            try:
+                converted = revert_weight_conversion(self.model, {runtime: probe})
+            except Exception:
+                return None
             if list(converted) != names:
                 return None
             for name, values in converted.items():

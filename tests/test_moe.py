@@ -239,3 +239,16 @@ def test_moe_unmerge_and_memory(tmp_path):
     assert json.loads(checked.output)["adapter_check"]["verdict"] == "exact"
     shown = runner.invoke(app, ["diff", base, merged])
     assert "experts by layer" in shown.output and "0-3" in shown.output
+
+
+def test_a_config_transformers_cannot_build_is_a_user_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from lora_cli.cli.app import app
+
+    prepare(tmp_path, "qwen3_moe", torch.float32, LoraConfig(r=2, lora_alpha=4, target_parameters=EXPERTS))
+    path = tmp_path / "base" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "num_experts": "four"}))
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "cannot build Qwen3MoeForCausalLM" in result.output
