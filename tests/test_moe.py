@@ -231,13 +231,11 @@ def test_moe_unmerge_and_memory(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["memory", str(tmp_path / "base"), str(tmp_path / "adapter"), "--json"])
     assert result.exit_code == 0, result.output
-    checked = runner.invoke(
-        app,
-        ["diff", str(tmp_path / "base"), str(tmp_path / "merged"), "--adapter", str(tmp_path / "adapter"), "--json"],
-    )
+    base_dir, merged_dir, adapter_dir = (str(tmp_path / d) for d in ("base", "merged", "adapter"))
+    checked = runner.invoke(app, ["diff", base_dir, merged_dir, "--adapter", adapter_dir, "--json"])
     assert checked.exit_code == 0, checked.output
     assert json.loads(checked.output)["adapter_check"]["verdict"] == "exact"
-    shown = runner.invoke(app, ["diff", base, merged])
+    shown = runner.invoke(app, ["diff", base_dir, merged_dir])
     assert "experts by layer" in shown.output and "0-3" in shown.output
 
 
