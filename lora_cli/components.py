@@ -15,6 +15,10 @@ from dataclasses import dataclass
 
 # `layers.N` (Llama), `h.N` (GPT-2, Falcon), `layer.N` (BERT), `block(s).N` (T5, others).
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+# One routed expert stored apart: `mlp.experts.N.gate_proj` (Qwen-MoE, DeepSeek), `block_sparse_moe.experts.N.w1`.
+_EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)(?:\.|$)")
+# The router of an MoE block: `mlp.gate` (Qwen-MoE, Mixtral's block_sparse_moe.gate, DeepSeek), `mlp.router`.
+_ROUTER_OWNERS = {"mlp", "block_sparse_moe", "feed_forward", "moe"}
 _ATTENTION = {"self_attn", "attn", "attention", "self_attention", "selfattention"}
 # Attention over the other stack's output (T5's EncDecAttention, Whisper's and BART's encoder_attn).
 _CROSS_ATTENTION = {"cross_attn", "encdecattention", "encoder_attn", "crossattention", "cross_attention"}
@@ -67,6 +71,7 @@ COMPONENTS = (
     "MLP up",
     "MLP down",
     "MLP gate/up",
+    "MLP router",
     "MLP other",
     "embeddings",
     "norms",
@@ -84,6 +89,7 @@ class Placement:
     component: str
     group: str
     stack: str | None = None
+    expert: int | None = None
 
 
 def _is_norm(part: str) -> bool:
@@ -99,8 +105,8 @@ def classify(name: str) -> Placement:
     lowered = [p.lower() for p in parts]
     stack = next((p for p in lowered if p in _STACKS), None)
 
-    def place(component: str, group: str) -> Placement:
-        return Placement(layer, component, group, stack)
+    def place(component: str, group: str, expert: int | None = None) -> Placement:
+        return Placement(layer, component, group, stack, expert)
 
     tail = lowered[-1] if lowered else ""
     if any(_is_norm(p) for p in parts):
@@ -114,6 +120,9 @@ def classify(name: str) -> Placement:
             part = next((key for key, names in _ATTN_PARTS.items() if tail in names), "other")
             return place(f"{group} {part}", group)
     if any(p in _MLP for p in lowered) or (layer is not None and tail in _BARE_MLP):
+        if tail == "router" or (tail == "gate" and len(lowered) > 1 and lowered[-2] in _ROUTER_OWNERS):
+            return place("MLP router", "MLP")
         part = next((key for key, names in _MLP_PARTS.items() if tail in names), "other")
-        return place(f"MLP {part}", "MLP")
+        expert = _EXPERT.search(name)
+        return place(f"MLP {part}", "MLP", int(expert.group(1)) if expert else None)
     return place("other", "other")

@@ -69,6 +69,7 @@ class TensorDiff:
     residual_max_ulps: float | None = None
     residual_exact_share: float | None = None
     adapter_ok: bool | None = None
+    expert: int | None = None  # a routed expert stored apart (`mlp.experts.N.*`)
 
     @property
     def differs(self) -> bool:
@@ -97,6 +98,18 @@ class GroupSummary:
     matrices_differ: int
     vectors: int
     vectors_differ: int
+
+
+@dataclass
+class ExpertSummary:
+    """One routed expert of one layer (MoE checkpoints that store experts apart): its tensors and how they differ."""
+
+    layer: int | None
+    expert: int
+    tensors: int
+    differ: int
+    components_differ: list[str]
+    max_rel_frobenius: float | None
 
 
 @dataclass
@@ -142,6 +155,7 @@ class DiffResult:
     adapter_check: AdapterCheck | None = None
     provenance_b: dict | None = None
     bytes_read: int = 0
+    experts: list[ExpertSummary] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -287,6 +301,7 @@ def compare_tensors(name: str, a: torch.Tensor | None, b: torch.Tensor | None, o
         stack=place.stack,
         component=place.component,
         group=place.group,
+        expert=place.expert,
         dtype_a=_dtype_name(a),
         dtype_b=_dtype_name(b),
         shape_a=list(a.shape) if a is not None else None,
@@ -464,6 +479,7 @@ def diff(
         components=summarize_components(records),
         groups=summarize_groups(records),
         layers=summarize_layers(records),
+        experts=summarize_experts(records),
         seconds=time.perf_counter() - started,
         peak_rss_anon_bytes=memory.peak_anon,
         provenance_b=read_provenance(b.path),
@@ -559,6 +575,28 @@ def summarize_groups(records: list[TensorDiff]) -> list[GroupSummary]:
                 matrices_differ=sum(r.differs for r in matrices),
                 vectors=len(vectors),
                 vectors_differ=sum(r.differs for r in vectors),
+            )
+        )
+    return out
+
+
+def summarize_experts(records: list[TensorDiff]) -> list[ExpertSummary]:
+    """Expert tensors grouped by layer and expert index, in that order; empty for models without stored experts."""
+    groups: dict[tuple[int, int], list[TensorDiff]] = {}
+    for r in records:
+        if r.expert is not None:
+            groups.setdefault((r.layer if r.layer is not None else -1, r.expert), []).append(r)
+    out = []
+    for (layer, expert), members in sorted(groups.items()):
+        differing = [r for r in members if r.differs]
+        out.append(
+            ExpertSummary(
+                layer=None if layer < 0 else layer,
+                expert=expert,
+                tensors=len(members),
+                differ=len(differing),
+                components_differ=[c for c in COMPONENTS if any(r.component == c for r in differing)],
+                max_rel_frobenius=_max([r.rel_frobenius for r in differing]),
             )
         )
     return out

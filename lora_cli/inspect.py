@@ -19,6 +19,7 @@ import torch
 from lora_cli.adapters.base import Adapter, EditContext, EditForm, Shape, TensorEdit
 from lora_cli.adapters.common import shared_edits
 from lora_cli.adapters.loading import CONFIG_FILE
+from lora_cli.adapters.param_lora import ParamLoraEdit
 from lora_cli.adapters.registry import kind_for
 from lora_cli.checkpoint_files import read_provenance
 from lora_cli.components import COMPONENTS, classify
@@ -186,7 +187,7 @@ def _adapter_report(adapter: Adapter, plan: MergePlan | None = None, base_ref: s
         modules = _stats_with_base(plan)
     else:
         edits = [*shared_edits(adapter), *kind_for(adapter).edits(adapter, lambda name: None)]
-        modules = [_stats_without_base(edit) for edit in edits]
+        modules = [stats for edit in edits for stats in _expert_stats(edit, None) or [_stats_without_base(edit)]]
     params = count_params(adapter)
     dtypes: Counter[str] = Counter()
     for key, numel in _numels(adapter).items():
@@ -417,12 +418,41 @@ def _stats_without_base(edit: TensorEdit) -> ModuleStats:
     return _base_stats(edit, edit.target, shape, dense_spectrum(delta, vectors=False), rank, scale, None)
 
 
+def _expert_stats(edit: TensorEdit, weight: torch.Tensor | None, name: str | None = None) -> list[ModuleStats]:
+    """One row per expert for LoRA on a fused expert stack (stored whole, or no base given); [] for other edits.
+
+    Stacks stored one tensor per expert come through `ExpertPieceEdit`s, one row each, named after the tensor.
+    """
+    if not isinstance(edit, ParamLoraEdit) or (edit.num_experts <= 1 and weight is not None):
+        return []
+    found = edit.expert_factors(EditContext(edit.adapter, CPU, torch.float64))
+    if len(found) <= 1:
+        return []
+    rows = []
+    for expert, left, right, scale in found:
+        spectrum = factored_spectrum(left, right, scale)
+        stats = _base_stats(edit, f"{name or edit.label} expert {expert}", None, spectrum, edit.rank, scale, None)
+        alpha = edit.adapter.pattern_value("alpha_pattern", edit.target, edit.adapter.config.get("lora_alpha"))
+        stats.alpha = float(alpha) if isinstance(alpha, int | float) else None
+        if weight is not None and weight.dim() == 3:
+            stats.shape = list(weight.shape[1:])
+            stats.base_norm = float(torch.linalg.vector_norm(weight[expert].double()))
+            stats.relative_norm = spectrum.norm / stats.base_norm if stats.base_norm > 0 else None
+        rows.append(stats)
+    return rows
+
+
 def _stats_with_base(plan: MergePlan) -> list[ModuleStats]:
     """Per edit, the change it makes to the real base tensor (one base tensor and one delta in memory at a time)."""
     out: list[ModuleStats] = []
     for planned in plan.edited:
         weight = read_tensor(planned.source).to(working_dtype(planned.source))
         for edit in planned.edits:
+            per_expert = _expert_stats(edit, weight, planned.name)
+            if per_expert:
+                out.extend(per_expert)
+                weight = edit.apply(weight, EditContext(edit.adapter, CPU, weight.dtype))
+                continue
             form = edit.form
             replaced = form.kind == "replacement"
             rank, scale = (None, None) if replaced else _own_rank_scale(edit)

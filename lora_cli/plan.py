@@ -18,6 +18,7 @@ from lora_cli.io.checkpoint import CheckpointIndex
 from lora_cli.io.dtypes import NAMED_DTYPES, TORCH_TO_SAFETENSORS, is_float
 from lora_cli.io.safetensors_file import TensorInfo
 from lora_cli.io.writer import OutputTensor
+from lora_cli.naming import NameMap, place
 from lora_cli.ties import TiePolicy, attach_heads, is_embedding, is_head, is_tied
 
 # transformers prefixes the backbone differently in task heads and bare models; adapters follow the head.
@@ -83,11 +84,12 @@ def output_dtype(info: TensorInfo, requested: str) -> str:
     return TORCH_TO_SAFETENSORS[NAMED_DTYPES[requested]]
 
 
-def collect_edits(adapters: list[Adapter], base: CheckpointIndex) -> list[TensorEdit]:
+def collect_edits(adapters: list[Adapter], base: CheckpointIndex, naming: NameMap | None = None) -> list[TensorEdit]:
     names = set(base.tensors)
+    naming = naming or NameMap(base)
 
     def base_shape(name: str) -> Shape | None:
-        found = resolve_target(name, names)
+        found = resolve_target(name, names) or (naming.stored_name(name) if naming.usable else None)
         return base.tensors[found].shape if found else None
 
     edits: list[TensorEdit] = []
@@ -106,20 +108,21 @@ def build_plan(
     config = base.config()
     plan = MergePlan(base=base, adapters=adapters, tensors=[])
     by_target: dict[str, list[TensorEdit]] = {}
+    naming = NameMap(base)
+    # The hook where run-time names meet stored ones: renamed, split or fused by transformers' rules (naming.py).
+    edits, unplaced = place(collect_edits(adapters, base, naming), base, naming)
     missing: list[str] = []
-    edits = collect_edits(adapters, base)
-    for edit in edits:
-        target = resolve_target(edit.target, names)
-        if target is None and is_head(edit.target) and is_tied(config):
-            target = edit.target  # a tied head: `attach_heads` places its edits
-        if target is None:
+    for edit in unplaced:
+        if is_head(edit.target) and is_tied(config):
+            edits.append(edit)  # a tied head: `attach_heads` places its edits
+        else:
             missing.append(edit.target)
-            continue
-        by_target.setdefault(target, []).append(edit)
+    for edit in edits:
+        by_target.setdefault(edit.target, []).append(edit)
 
     extra = attach_heads(plan, by_target, names, config, missing, ties)
     if missing:
-        raise _mismatch(adapters, base, missing, "name tensors the base does not have")
+        raise _mismatch(adapters, base, missing, "name tensors the base does not have", naming)
 
     misfits: list[str] = []
     for name, info in [*base.tensors.items(), *extra.items()]:
@@ -152,13 +155,16 @@ def _order_extras(plan: MergePlan, extra: dict[str, TensorInfo]) -> None:
         plan.tensors.insert(at + 1, head_entry)
 
 
-def _mismatch(adapters: list[Adapter], base: CheckpointIndex, problems: list[str], what: str) -> AdapterMismatchError:
+def _mismatch(
+    adapters: list[Adapter], base: CheckpointIndex, problems: list[str], what: str, naming: NameMap | None = None
+) -> AdapterMismatchError:
     sample = "; ".join(problems[:3])
     more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
     trained_on = {a.config.get("base_model_name_or_path") for a in adapters} - {None, ""}
     origin = f" (it was trained on {', '.join(sorted(map(str, trained_on)))})" if trained_on else ""
+    namings = f"; {naming.contrast(problems[0])}" if naming is not None else ""
     return AdapterMismatchError(
-        f"{len(problems)} adapter tensors {what}: {sample}{more}",
+        f"{len(problems)} adapter tensors {what}: {sample}{more}{namings}",
         path=", ".join(a.ref for a in adapters),
         fix=f"is this adapter for another base model{origin}? pass the base it was trained on",
     )

@@ -31,6 +31,7 @@ from lora_cli.adapters.base import (
     TensorEdit,
 )
 from lora_cli.adapters.checks import lora_factor_problem
+from lora_cli.adapters.param_lora import parameter_edits
 from lora_cli.adapters.params import mismatched_rank, missing_params
 from lora_cli.errors import InputError, NotRevertibleError
 
@@ -300,6 +301,9 @@ class Lora(AdapterKind):
     def module_edits(
         self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
     ) -> list[TensorEdit]:
+        on_parameter = parameter_edits(adapter, module)
+        if on_parameter is not None:
+            return on_parameter  # target_parameters: an MoE expert stack or a router weight
         found = _factors(adapter, module)
         if found is None:
             raise missing_params(adapter, module.path, list(module.params), "both LoRA factors")

@@ -23,6 +23,7 @@ from lora_cli.cli._options import (
     revision_option,
 )
 from lora_cli.cli._output import Output, human_bytes
+from lora_cli.components import COMPONENTS
 from lora_cli.errors import EXIT_DIFFERENT, EXIT_OK, SwappedArgumentsError
 
 if TYPE_CHECKING:
@@ -86,6 +87,8 @@ def render_diff(output: Output, result: DiffResult, show_all: bool) -> None:
         parts = _short_components(layer.components_differ)
         layers.add_row(label, str(layer.tensors), str(layer.differ), parts, _num(layer.max_rel_frobenius))
     output.table(layers)
+    if result.experts:
+        output.table(_expert_table(result))
 
     if show_all:
         output.table(_tensor_table(result.tensors, with_check=result.adapter_check is not None))
@@ -252,3 +255,40 @@ def diff_command(
     # With --adapter the exit code is the verdict: the difference itself is expected.
     failed = result.adapter_check.verdict == "fail" if result.adapter_check is not None else result.differ
     raise typer.Exit(EXIT_DIFFERENT if failed else EXIT_OK)
+
+
+def _expert_table(result: DiffResult) -> Table:
+    from rich.table import Table
+
+    """Routed experts stored apart, one row per layer: how many of its experts differ, and which."""
+    table = Table(title="experts by layer", title_justify="left")
+    for column in ("layer", "experts", "differ", "experts that differ", "components that differ", "max |A-B|/|A|"):
+        table.add_column(column, justify="left" if "that differ" in column else "right")
+    by_layer: dict[int | None, list] = {}
+    for summary in result.experts:
+        by_layer.setdefault(summary.layer, []).append(summary)
+    for layer, members in by_layer.items():
+        differing = [m for m in members if m.differ]
+        parts = sorted({c for m in differing for c in m.components_differ}, key=COMPONENTS.index)
+        table.add_row(
+            "-" if layer is None else str(layer),
+            str(len(members)),
+            str(len(differing)),
+            _ranges([m.expert for m in differing]),
+            _short_components(parts),
+            _num(max((m.max_rel_frobenius for m in differing if m.max_rel_frobenius is not None), default=None)),
+        )
+    return table
+
+
+def _ranges(numbers: list[int]) -> str:
+    """0-3, 7, 9-12: a list of expert indices, short."""
+    if not numbers:
+        return "-"
+    spans: list[list[int]] = []
+    for n in sorted(numbers):
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
