@@ -1,0 +1,126 @@
+"""The adapter types PEFT 0.21 added or that need the base weight, against PEFT's merge_and_unload on tiny models.
+
+Tolerances, per case below: merged tensors equal PEFT's bit for bit in fp32 (loractl computes PEFT's delta with the
+same operations in the same order in fp32 and rounds once, as PEFT does with fp32 adapter weights). In bf16 PEFT
+rounds more often than loractl for some types (it rounds the delta to the base dtype before adding it, or computes
+parts in the base dtype): each such rounding is at most half a bf16 ulp of its operand and loractl's single one
+another half, so those cases differ by at most the `bf16` budget in ulps, counted at the larger of the base value and
+the change. Logits are compared with the unmerged PeftModel (another summation order): 1e-4 absolute in fp32. An
+undo lands within 1 ulp of the base at the larger of the base and merged values (two more roundings); edits that
+computed their change from the base weight itself are undone with `--base`, exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from peft import (
+    BeftConfig,
+    GraloraConfig,
+    HiraConfig,
+    PeftConfig,
+)
+from safetensors.torch import load_file
+
+from lora_cli.merge import AdapterSpec, local_source, merge
+from lora_cli.numerics import max_ulps
+from tests.builders import (
+    load_merged,
+    logits_of,
+    make_adapter,
+    peft_logits,
+    peft_merged_state,
+    save_base,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_mlp,
+)
+from tests.builders_types import TOKENS, revert_all
+
+ATTN = ["q_proj", "v_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    config: PeftConfig
+    # Most ulps from PEFT in bf16 (see the module docstring); 0 means bit for bit.
+    bf16: float = 0.0
+    # Whether each edit's undo needs the base (the change was computed from the base weight itself).
+    undo_from_base: bool = False
+    scale: float = 0.5
+
+
+CASES = {
+    "beft": Case("mlp", BeftConfig(target_modules=["fc1", "fc2"], init_weights=False)),
+    "gralora": Case("llama", GraloraConfig(r=4, alpha=8, gralora_k=2, target_modules=ATTN, init_weights=False)),
+    "gralora_hybrid": Case(
+        "llama", GraloraConfig(r=4, alpha=6, hybrid_r=2, gralora_k=4, target_modules=ATTN, init_weights=False)
+    ),
+    "gralora_gpt2": Case(
+        "gpt2", GraloraConfig(r=4, gralora_k=2, target_modules=["c_attn"], fan_in_fan_out=True, init_weights=False)
+    ),
+    # PEFT rounds B @ A to bf16, multiplies by W in bf16 and adds in bf16: three roundings. The undo divides by
+    # 1 + B @ A, so factors of PEFT's initial scale (0.1) keep it away from zero, as trained ones are.
+    "hira": Case("llama", HiraConfig(r=4, target_modules=ATTN, init_weights=False), bf16=2.0, scale=0.1),
+}
+
+
+def gpt2_with_biases(dtype: torch.dtype = torch.float32):
+    model = tiny_gpt2(dtype)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.add_((torch.randn(param.shape, generator=generator) * 0.1).to(dtype))
+    return model
+
+
+FACTORIES = {"llama": tiny_llama, "gpt2": gpt2_with_biases, "mlp": tiny_mlp}
+INPUTS = {"mlp": torch.randn(5, 16, generator=torch.Generator().manual_seed(3))}
+
+
+def run_case(tmp_path: Path, name: str, dtype: torch.dtype):
+    case = CASES[name]
+    factory = functools.partial(FACTORIES[case.model], dtype)
+    base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
+    save_base(factory(), base_dir)
+    make_adapter(factory, case.config, adapter_dir, scale=case.scale)
+    summary = merge(local_source(base_dir), [AdapterSpec(local_source(adapter_dir))], out)
+    return factory, summary, load_merged(out), base_dir, adapter_dir
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_type_matches_peft_merge(tmp_path, name, dtype):
+    case = CASES[name]
+    factory, summary, ours, base_dir, adapter_dir = run_case(tmp_path, name, dtype)
+    ref = peft_merged_state(factory, adapter_dir)
+    base = load_file(next(base_dir.glob("*.safetensors")))
+    assert set(ours) == set(base) and set(ours) <= set(ref)
+    changed = [key for key in ours if not torch.equal(ours[key], base[key])]
+    assert changed and len(changed) == summary.tensors_edited
+    budget = case.bf16 if dtype == torch.bfloat16 else 0.0
+    for key, tensor in ours.items():
+        if budget:
+            at = torch.maximum(base[key].float().abs(), (tensor.float() - base[key].float()).abs())
+            assert max_ulps(tensor, ref[key], at=at) <= budget, key
+        else:
+            assert torch.equal(tensor, ref[key]), f"{key}: {max_ulps(tensor, ref[key])} ulps from PEFT"
+    if dtype == torch.float32:
+        inputs = INPUTS.get(case.model, TOKENS)
+        expected = peft_logits(factory, adapter_dir, inputs)
+        network = factory()
+        network.load_state_dict(ours, strict=case.model in INPUTS)
+        assert torch.allclose(logits_of(network, inputs), expected, atol=1e-4)
+        restored = revert_all(base_dir, [adapter_dir], ours)
+        for key, tensor in restored.items():
+            if case.undo_from_base:
+                assert torch.equal(tensor, base[key]), key
+            else:
+                at = torch.maximum(base[key].abs(), ours[key].abs())
+                assert max_ulps(tensor, base[key], at=at) <= 1.0, key
