@@ -160,7 +160,7 @@ def apply_edits(
             return _add_in_chunks(tensor, deltas, out, work)
     weight = working_copy(planned, tensor, device, workspace)
     for edit in planned.edits:
-        weight = edit.apply(weight, EditContext(edit.adapter, device, work, workspace))
+        weight = edit.apply(weight, EditContext(edit.adapter, device, work, workspace, planned.source.torch_dtype))
     return weight
 
 

@@ -22,6 +22,7 @@ from peft import (
     BeftConfig,
     GraloraConfig,
     HiraConfig,
+    OSFConfig,
     PeftConfig,
 )
 from safetensors.torch import load_file
@@ -67,6 +68,7 @@ CASES = {
     # PEFT rounds B @ A to bf16, multiplies by W in bf16 and adds in bf16: three roundings. The undo divides by
     # 1 + B @ A, so factors of PEFT's initial scale (0.1) keep it away from zero, as trained ones are.
     "hira": Case("llama", HiraConfig(r=4, target_modules=ATTN, init_weights=False), bf16=2.0, scale=0.1),
+    "osf": Case("llama", OSFConfig(effective_rank=8, target_modules=ATTN, init_weights=False), undo_from_base=True),
 }
 
 
