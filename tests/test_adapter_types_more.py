@@ -20,10 +20,13 @@ import pytest
 import torch
 from peft import (
     BeftConfig,
+    DeftConfig,
     GraloraConfig,
     HiraConfig,
     OSFConfig,
+    PeanutConfig,
     PeftConfig,
+    PsoftConfig,
 )
 from safetensors.torch import load_file
 
@@ -69,6 +72,39 @@ CASES = {
     # 1 + B @ A, so factors of PEFT's initial scale (0.1) keep it away from zero, as trained ones are.
     "hira": Case("llama", HiraConfig(r=4, target_modules=ATTN, init_weights=False), bf16=2.0, scale=0.1),
     "osf": Case("llama", OSFConfig(effective_rank=8, target_modules=ATTN, init_weights=False), undo_from_base=True),
+    "peanut": Case(
+        "llama", PeanutConfig(r=4, depth=2, scaling=0.5, target_modules=ATTN, init_weights=False), undo_from_base=True
+    ),
+    "peanut_gelu": Case(
+        "llama", PeanutConfig(r=4, act_fn="gelu", target_modules=["k_proj"], init_weights=False), undo_from_base=True
+    ),
+    "deft": Case("llama", DeftConfig(r=4, target_modules=ATTN, init_weights=False), undo_from_base=True),
+    "deft_qr_alpha": Case(
+        "llama",
+        DeftConfig(r=4, alpha=8, decomposition_method="qr", target_modules=ATTN, init_weights=False),
+        undo_from_base=True,
+    ),
+    "deft_para": Case("llama", DeftConfig(r=3, para=True, target_modules=["o_proj"]), undo_from_base=True),
+    "deft_gpt2": Case(
+        "gpt2", DeftConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_weights=False), undo_from_base=True
+    ),
+    "psoft": Case("llama", PsoftConfig(r=4, target_modules=ATTN, init_weights=False), undo_from_base=True, scale=0.1),
+    "psoft_lowrank_pissa_neumann": Case(
+        "llama",
+        PsoftConfig(
+            r=6,
+            psoft_alpha=12,
+            psoft_svd="lowrank",
+            ab_svd_init="pissa_init",
+            use_cayley_neumann=True,
+            cayley_neumann_eps=0.5,
+            psoft_mag_a=False,
+            target_modules=ATTN,
+            init_weights=False,
+        ),
+        undo_from_base=True,
+        scale=0.1,
+    ),
 }
 
 

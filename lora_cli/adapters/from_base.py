@@ -19,6 +19,9 @@ from lora_cli.errors import NotRevertibleError
 class FromBaseEdit(TensorEdit):
     """W + w * change(W)."""
 
+    # PEFT rounds the change to the base dtype before adding it (`delta.to(weight.dtype)`): so does the edit.
+    rounds_change: bool = False
+
     def __init__(self, adapter: Adapter, target: str, keys: list[str], detail: str = "") -> None:
         super().__init__(adapter, target)
         self.keys = keys
@@ -33,7 +36,11 @@ class FromBaseEdit(TensorEdit):
 
     def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
         delta = self.change(weight, ctx)
-        return weight + (delta if self.adapter.weight == 1.0 else delta * self.adapter.weight)
+        if self.adapter.weight != 1.0:
+            delta = delta * self.adapter.weight
+        if self.rounds_change and ctx.stored_dtype is not None:
+            delta = delta.to(ctx.stored_dtype).to(weight.dtype)
+        return weight + delta
 
     def needs_base_to_revert(self) -> bool:
         return True
