@@ -28,6 +28,7 @@ from peft import (
     PeftConfig,
     PsoftConfig,
     SupertuningConfig,
+    TinyLoraConfig,
 )
 from safetensors.torch import load_file
 
@@ -122,6 +123,14 @@ CASES = {
             sparsity=0.9, select_top=False, save_precomputed_indices=False, target_modules=ATTN, init_weights=False
         ),
         undo_from_base=True,
+    ),
+    "tinylora": Case("llama", TinyLoraConfig(r=2, u=8, target_modules=ATTN, init_weights=False)),
+    "tinylora_tied_embedding": Case(
+        "llama",
+        TinyLoraConfig(r=3, u=4, weight_tying=0.6, target_modules=["embed_tokens", "q_proj"], init_weights=False),
+    ),
+    "tinylora_gpt2": Case(
+        "gpt2", TinyLoraConfig(r=2, u=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_weights=False)
     ),
 }
 
