@@ -29,6 +29,7 @@ from peft import (
     PsoftConfig,
     SupertuningConfig,
     TinyLoraConfig,
+    TrainableTokensConfig,
 )
 from safetensors.torch import load_file
 
@@ -132,6 +133,13 @@ CASES = {
     "tinylora_gpt2": Case(
         "gpt2", TinyLoraConfig(r=2, u=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_weights=False)
     ),
+    "trainable_tokens": Case(
+        "llama", TrainableTokensConfig(token_indices=[1, 5, 90], target_modules=["embed_tokens"]), undo_from_base=True
+    ),
+    # A tied head: PEFT wraps it too, sharing the rows; the checkpoint keeps one tensor.
+    "trainable_tokens_tied": Case(
+        "llama_tied", TrainableTokensConfig(token_indices=[0, 7], target_modules=["embed_tokens"]), undo_from_base=True
+    ),
 }
 
 
@@ -145,13 +153,18 @@ def gpt2_with_biases(dtype: torch.dtype = torch.float32):
     return model
 
 
-FACTORIES = {"llama": tiny_llama, "gpt2": gpt2_with_biases, "mlp": tiny_mlp}
+FACTORIES = {
+    "llama": tiny_llama,
+    "llama_tied": functools.partial(tiny_llama, tie_word_embeddings=True),
+    "gpt2": gpt2_with_biases,
+    "mlp": tiny_mlp,
+}
 INPUTS = {"mlp": torch.randn(5, 16, generator=torch.Generator().manual_seed(3))}
 
 
 def run_case(tmp_path: Path, name: str, dtype: torch.dtype):
     case = CASES[name]
-    factory = functools.partial(FACTORIES[case.model], dtype)
+    factory = functools.partial(FACTORIES[case.model], dtype)  # dtype first: FACTORIES hold partials
     base_dir, adapter_dir, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
     save_base(factory(), base_dir)
     make_adapter(factory, case.config, adapter_dir, scale=case.scale)
