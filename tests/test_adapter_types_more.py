@@ -28,9 +28,11 @@ from peft import (
     PeanutConfig,
     PeftConfig,
     PsoftConfig,
+    RandLoraConfig,
     SupertuningConfig,
     TinyLoraConfig,
     TrainableTokensConfig,
+    VeraConfig,
 )
 from safetensors.torch import load_file
 
@@ -150,6 +152,23 @@ CASES = {
         OFTConfig(oft_block_size=8, target_modules=["embed_tokens", "q_proj"], init_weights=False),
         scale=0.1,
         solved=True,
+    ),
+    "vera_drawn": Case("llama", VeraConfig(r=4, target_modules=["q_proj", "k_proj", "up_proj"], save_projection=False)),
+    "vera_drawn_gpt2": Case(
+        "gpt2",
+        VeraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, save_projection=False),
+    ),
+    # PEFT rounds RandLoRA's delta to the base dtype before adding it (see test_adapter_types).
+    "randlora_drawn": Case(
+        "llama", RandLoraConfig(r=4, target_modules=["q_proj", "down_proj"], save_projection=False), bf16=1.0
+    ),
+    "randlora_drawn_sparse": Case(
+        "llama", RandLoraConfig(r=8, sparse=True, target_modules=["v_proj", "up_proj"], save_projection=False), 1.0
+    ),
+    "randlora_drawn_very_sparse_gpt2": Case(
+        "gpt2",
+        RandLoraConfig(r=4, very_sparse=True, target_modules=["c_attn"], fan_in_fan_out=True, save_projection=False),
+        bf16=1.0,
     ),
 }
 
