@@ -220,7 +220,7 @@ def _additive_deltas(
         # Each edit may reuse the same scratch buffer: copy the previous delta before the next one overwrites it.
         if deltas:
             deltas[-1] = deltas[-1].clone()
-        deltas.append(edit.delta(shape, EditContext(edit.adapter, device, work, workspace)))
+        deltas.append(edit.delta(shape, EditContext(edit.adapter, device, work, workspace, planned.source.torch_dtype)))
     return deltas
 
 

@@ -36,8 +36,9 @@ from peft import (
 )
 from safetensors.torch import load_file
 
-from lora_cli.merge import AdapterSpec, local_source, merge
+from lora_cli.merge import merge
 from lora_cli.numerics import max_ulps
+from lora_cli.sources import AdapterSpec, local_source
 from tests.builders import (
     load_merged,
     logits_of,

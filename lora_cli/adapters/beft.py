@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import require
 from lora_cli.errors import AdapterMismatchError
 
 
@@ -21,33 +22,31 @@ class BeftEdit(AdditiveEdit):
         super().__init__(adapter, target, [key], f"{adapter.weights.shape(key)[-1]} biases")
         self.key = key
 
-    def expected_numel(self) -> int:
-        return self.adapter.weights.shape(self.key)[-1]
+    def expected_shape(self) -> Shape:
+        return (self.adapter.weights.shape(self.key)[-1],)
 
     def check(self, shape: Shape) -> str | None:
         if len(shape) != 1:
             return f"{self.target}: BEFT adds to a bias, base is {tuple(shape)}"
         return super().check(shape)
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         return ctx.load(self.key).squeeze()
 
 
-@register
 class Beft(AdapterKind):
     peft_type = "BEFT"
     param_roots = frozenset({"beft_bias"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            (key,) = require(adapter, module, "beft_bias")
-            target = f"{module.path}.bias"
-            if base_shape(target) is None and base_shape(f"{module.path}.weight") is not None:
-                raise AdapterMismatchError(
-                    f"{module.path} has no bias, so its BEFT bias cannot be merged (PEFT refuses it too)",
-                    path=adapter.weights.path,
-                    fix="train BEFT only on layers with a bias",
-                )
-            edits.append(BeftEdit(adapter, target, key))
-        return edits
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        (key,) = require(adapter, module, "beft_bias")
+        target = f"{module.path}.bias"
+        if base_shape(target) is None and base_shape(f"{module.path}.weight") is not None:
+            raise AdapterMismatchError(
+                f"{module.path} has no bias, so its BEFT bias cannot be merged (PEFT refuses it too)",
+                path=adapter.weights.path,
+                fix="train BEFT only on layers with a bias",
+            )
+        return [BeftEdit(adapter, target, key)]

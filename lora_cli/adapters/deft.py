@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import config_number, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
 from lora_cli.adapters.from_base import FromBaseEdit
+from lora_cli.adapters.params import config_number, require
 from lora_cli.errors import InputError
 
 METHODS = ("relu", "qr")
@@ -62,26 +62,26 @@ class DeftEdit(FromBaseEdit):
         return delta.T if self.fan_in_fan_out else delta
 
 
-@register
 class Deft(AdapterKind):
     peft_type = "DEFT"
     param_roots = frozenset({"deft_P", "deft_R"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+    def check_adapter(self, adapter: Adapter) -> None:
         method = adapter.config.get("decomposition_method", "relu")
         if method not in METHODS:
             raise InputError(
                 f"decomposition_method {method!r} is not one of {', '.join(METHODS)}",
-                path=adapter.directory / "adapter_config.json",
+                path=adapter.config_path,
             )
+
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
         para = bool(adapter.config.get("para"))
         alpha = adapter.config.get("alpha")
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            (p_key,) = require(adapter, module, "deft_P")
-            r_key = None if para else require(adapter, module, "deft_R")[0]
-            rank = adapter.weights.shape(p_key)[1]
-            # PEFT: alpha / r with r capped at out_features (P's columns), or no scaling when alpha is unset.
-            scaling = config_number(adapter, "alpha", 0) / rank if alpha else 1.0
-            edits.append(DeftEdit(adapter, f"{module.path}.weight", p_key, r_key, scaling))
-        return edits
+        (p_key,) = require(adapter, module, "deft_P")
+        r_key = None if para else require(adapter, module, "deft_R")[0]
+        rank = adapter.weights.shape(p_key)[1]
+        # PEFT: alpha / r with r capped at out_features (P's columns), or no scaling when alpha is unset.
+        scaling = config_number(adapter, "alpha", 0) / rank if alpha else 1.0
+        return [DeftEdit(adapter, f"{module.path}.weight", p_key, r_key, scaling)]

@@ -12,7 +12,7 @@ from abc import abstractmethod
 
 import torch
 
-from lora_cli.adapters.base import Adapter, EditContext, TensorEdit
+from lora_cli.adapters.base import Adapter, EditContext, EditForm, TensorEdit
 from lora_cli.errors import NotRevertibleError
 
 
@@ -42,8 +42,9 @@ class FromBaseEdit(TensorEdit):
             delta = delta.to(ctx.stored_dtype).to(weight.dtype)
         return weight + delta
 
-    def needs_base_to_revert(self) -> bool:
-        return True
+    @property
+    def form(self) -> EditForm:
+        return EditForm("transform", revert_needs_base=True)
 
     def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
         if base is None:

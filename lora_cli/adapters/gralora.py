@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, config_number, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import config_number, require
 
 
 class GraloraEdit(AdditiveEdit):
@@ -26,26 +27,26 @@ class GraloraEdit(AdditiveEdit):
             if ("gralora_A_general.weight" in params and "gralora_B_general.weight" in params)
             else None
         )
-        self.k, self.in_block, self.rank = adapter.weights.shape(self.a_key)
+        self.k, self.in_block, self.gralora_r = adapter.weights.shape(self.a_key)
         self.out_block = adapter.weights.shape(self.b_key)[2]
         self.hybrid_r = adapter.weights.shape(self.hybrid[0])[0] if self.hybrid else 0
-        self.scaling = alpha / (self.rank + self.hybrid_r)
+        self.scaling = alpha / (self.gralora_r + self.hybrid_r)
         self.fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
         keys = [self.a_key, self.b_key, *(self.hybrid or ())]
-        detail = f"k={self.k} r={self.rank} hybrid_r={self.hybrid_r} scale={self.scaling:g}"
-        super().__init__(adapter, target, keys, detail)
+        detail = f"k={self.k} r={self.gralora_r} hybrid_r={self.hybrid_r} scale={self.scaling:g}"
+        super().__init__(adapter, target, keys, detail, scale=self.scaling)
 
     def check(self, shape: Shape) -> str | None:
         b = self.adapter.weights.shape(self.b_key)
         out, into = self.k * self.out_block, self.k * self.in_block
         expected = (into, out) if self.fan_in_fan_out else (out, into)
-        if tuple(shape) != expected or b[:2] != (self.k, self.rank) or self.rank % self.k:
+        if tuple(shape) != expected or b[:2] != (self.k, self.gralora_r) or self.gralora_r % self.k:
             return f"{self.target}: GraLoRA A {self.adapter.weights.shape(self.a_key)}, B {b} vs base {tuple(shape)}"
         return None
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         a, b = ctx.load(self.a_key), ctx.load(self.b_key)
-        k, rank = self.k, self.rank
+        k, rank = self.k, self.gralora_r
         in_features, out_features = k * self.in_block, k * self.out_block
         sub_rank = rank // k
         features = torch.arange(in_features, device=ctx.device)
@@ -60,15 +61,13 @@ class GraloraEdit(AdditiveEdit):
         return (delta.T if self.fan_in_fan_out else delta) * self.scaling
 
 
-@register
 class Gralora(AdapterKind):
     peft_type = "GRALORA"
     param_roots = frozenset({"gralora_A", "gralora_B", "gralora_A_general", "gralora_B_general"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
         alpha = config_number(adapter, "alpha", 64)
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            require(adapter, module, "gralora_A", "gralora_B")
-            edits.append(GraloraEdit(adapter, f"{module.path}.weight", module.params, alpha))
-        return edits
+        require(adapter, module, "gralora_A", "gralora_B")
+        return [GraloraEdit(adapter, f"{module.path}.weight", module.params, alpha)]

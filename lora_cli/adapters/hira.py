@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import missing_params
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import missing_params
 
 
 class HiraEdit(TensorEdit):
@@ -51,20 +51,18 @@ class HiraEdit(TensorEdit):
         return f"hira r={self.rank}"
 
 
-@register
 class Hira(AdapterKind):
     peft_type = "HIRA"
     param_roots = frozenset({"hira_A", "hira_B", "hira_embedding_A", "hira_embedding_B"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
         fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            if module.has("hira_A") and module.has("hira_B"):
-                a, b, transposed = module.params["hira_A"], module.params["hira_B"], fan_in_fan_out
-            elif module.has("hira_embedding_A") and module.has("hira_embedding_B"):
-                a, b, transposed = module.params["hira_embedding_A"], module.params["hira_embedding_B"], True
-            else:
-                raise missing_params(adapter, module.path, list(module.params), "hira_A and hira_B")
-            edits.append(HiraEdit(adapter, f"{module.path}.weight", a, b, transposed))
-        return edits
+        if module.has("hira_A") and module.has("hira_B"):
+            a, b, transposed = module.params["hira_A"], module.params["hira_B"], fan_in_fan_out
+        elif module.has("hira_embedding_A") and module.has("hira_embedding_B"):
+            a, b, transposed = module.params["hira_embedding_A"], module.params["hira_embedding_B"], True
+        else:
+            raise missing_params(adapter, module.path, list(module.params), "hira_A and hira_B")
+        return [HiraEdit(adapter, f"{module.path}.weight", a, b, transposed)]

@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
 from lora_cli.adapters.from_base import FromBaseEdit
+from lora_cli.adapters.params import require
 
 PARAMS = ("osf_svd_params.U_low", "osf_svd_params.S_low", "osf_svd_params.V_low")
 
@@ -47,14 +47,12 @@ class OsfEdit(FromBaseEdit):
         return current - initial
 
 
-@register
 class Osf(AdapterKind):
     peft_type = "OSF"
     param_roots = frozenset({"osf_svd_params"})
     param_leaves = frozenset({"U_low", "S_low", "V_low"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        return [
-            OsfEdit(adapter, f"{module.path}.weight", require(adapter, module, *PARAMS))
-            for module in adapter.modules.values()
-        ]
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        return [OsfEdit(adapter, f"{module.path}.weight", require(adapter, module, *PARAMS))]

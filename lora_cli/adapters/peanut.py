@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lora_cli.adapters.additive import config_number, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
 from lora_cli.adapters.from_base import FromBaseEdit
+from lora_cli.adapters.params import config_number, require
 from lora_cli.errors import InputError
 
 
@@ -56,25 +56,25 @@ class PeanutEdit(FromBaseEdit):
         return (delta_w * self.scaling).transpose(0, 1)
 
 
-@register
 class Peanut(AdapterKind):
     peft_type = "PEANUT"
     param_roots = frozenset({"peanut_A", "peanut_B", "peanut_encoders", "peanut_decoders"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        depth = int(config_number(adapter, "depth", 0))
-        scaling = config_number(adapter, "scaling", 1.0)
+    def check_adapter(self, adapter: Adapter) -> None:
         from transformers.activations import ACT2FN
 
         if str(adapter.config.get("act_fn", "relu")) not in ACT2FN:
             raise InputError(
                 f"act_fn {adapter.config.get('act_fn')!r} is not an activation transformers knows",
-                path=adapter.directory / "adapter_config.json",
+                path=adapter.config_path,
             )
+
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        depth = int(config_number(adapter, "depth", 0))
+        scaling = config_number(adapter, "scaling", 1.0)
         names = ["peanut_A.weight", "peanut_B.weight"]
         names += [f"peanut_{part}.{i}.weight" for part in ("encoders", "decoders") for i in range(depth)]
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            require(adapter, module, *names)
-            edits.append(PeanutEdit(adapter, f"{module.path}.weight", module.params, depth, scaling))
-        return edits
+        require(adapter, module, *names)
+        return [PeanutEdit(adapter, f"{module.path}.weight", module.params, depth, scaling)]

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import config_number, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
 from lora_cli.adapters.from_base import FromBaseEdit
+from lora_cli.adapters.params import config_number, require
 from lora_cli.errors import InputError
 
 
@@ -103,25 +103,26 @@ class PsoftEdit(FromBaseEdit):
         return (delta.T if self.fan_in_fan_out else delta) * self.scaling
 
 
-@register
 class Psoft(AdapterKind):
     peft_type = "PSOFT"
     param_roots = frozenset({"psoft_R"})
     param_leaves = frozenset({"vector_a", "vector_b"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+    def check_adapter(self, adapter: Adapter) -> None:
         config = adapter.config
         for key, allowed in (("ab_svd_init", ("psoft_init", "pissa_init")), ("psoft_svd", ("full", "lowrank"))):
             if config.get(key, allowed[0]) not in allowed:
                 raise InputError(
                     f"{key} {config.get(key)!r} is not one of {', '.join(allowed)}",
-                    path=adapter.directory / "adapter_config.json",
+                    path=adapter.config_path,
                 )
+
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        config = adapter.config
         rank = int(config_number(adapter, "r", 32))
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            names = ["psoft_R.weight"]
-            names += [f"psoft_R.vector_{side}" for side in ("a", "b") if config.get(f"psoft_mag_{side}", True)]
-            require(adapter, module, *names)
-            edits.append(PsoftEdit(adapter, f"{module.path}.weight", module.params, rank))
-        return edits
+        names = ["psoft_R.weight"]
+        names += [f"psoft_R.vector_{side}" for side in ("a", "b") if config.get(f"psoft_mag_{side}", True)]
+        require(adapter, module, *names)
+        return [PsoftEdit(adapter, f"{module.path}.weight", module.params, rank)]

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_cli.adapters.base import Adapter, AdapterModule, AdapterWeights, EditContext, Shape
-from lora_cli.adapters.loading import SHARED_MODULE
+from lora_cli.adapters.base import SHARED_MODULE, Adapter, AdapterModule, AdapterWeights, EditContext, Shape
 
 PREFIX = "regenerated:"
 

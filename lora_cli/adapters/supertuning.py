@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import config_number, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, EditForm, Shape, TensorEdit
+from lora_cli.adapters.params import config_number, require
 from lora_cli.errors import NotRevertibleError
 
 
@@ -76,8 +76,9 @@ class SupertuningEdit(TensorEdit):
             return merged
         return self._rounded(merged, ctx) + lora
 
-    def needs_base_to_revert(self) -> bool:
-        return self.indices_key is None
+    @property
+    def form(self) -> EditForm:
+        return EditForm("transform", revert_needs_base=self.indices_key is None)
 
     def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
         if self.indices_key is None:
@@ -100,21 +101,19 @@ class SupertuningEdit(TensorEdit):
         return f"supertuning {self.count} values{lora}"
 
 
-@register
 class Supertuning(AdapterKind):
     peft_type = "SUPERTUNING"
     param_roots = frozenset({"supertuning_values", "supertuning_indices", "supertuning_lora_A", "supertuning_lora_B"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
         rank = adapter.config.get("r")
         scale = None
         if rank:
             rank = int(config_number(adapter, "r", 1))
             scale = config_number(adapter, "lora_alpha", 2 * rank) / rank
-        edits: list[TensorEdit] = []
-        for module in adapter.modules.values():
-            require(adapter, module, "supertuning_values")
-            if scale is not None:
-                require(adapter, module, "supertuning_lora_A.weight", "supertuning_lora_B.weight")
-            edits.append(SupertuningEdit(adapter, f"{module.path}.weight", module.params, scale))
-        return edits
+        require(adapter, module, "supertuning_values")
+        if scale is not None:
+            require(adapter, module, "supertuning_lora_A.weight", "supertuning_lora_B.weight")
+        return [SupertuningEdit(adapter, f"{module.path}.weight", module.params, scale)]

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import AdditiveEdit, config_number, missing_params, require
-from lora_cli.adapters.base import Adapter, AdapterKind, EditContext, Shape, TensorEdit, register
-from lora_cli.adapters.loading import SHARED_MODULE
+from lora_cli.adapters.additive import AdditiveEdit
+from lora_cli.adapters.base import SHARED_MODULE, Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import config_number, missing_params, require
 from lora_cli.errors import InputError, UnsupportedAdapterError
 
 # The dtypes a base model may have rounded the drawn projections to before they were saved.
@@ -45,51 +45,47 @@ class TinyloraEdit(AdditiveEdit):
             return f"{self.target}: TinyLoRA A {a}, B {b} vs base {tuple(shape)}"
         return None
 
-    def delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
+    def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         v = ctx.load(self.v_key)
         r = torch.einsum("i,ijk->jk", v, ctx.load(self.p_key).to(v.dtype))
         delta = ctx.load(self.b_key) @ r @ ctx.load(self.a_key)
         return delta.T if self.fan_in_fan_out else delta
 
 
-@register
 class Tinylora(AdapterKind):
     peft_type = "TINYLORA"
     param_roots = frozenset({"tinylora_A", "tinylora_B", "tinylora_P", "tinylora_v"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
-        shared = adapter.modules.get(SHARED_MODULE)
-        vectors = {name.split(".")[-1]: key for name, key in (shared.params.items() if shared else ())}
-        modules = [module for path, module in adapter.modules.items() if path != SHARED_MODULE]
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        vectors = {name.split(".")[-1]: key for name, key in self.shared_params(adapter).items()}
         seed = int(config_number(adapter, "projection_seed", 42))
         tying = config_number(adapter, "weight_tying", 0.0)
-        count = len(modules)
+        count = sum(path != SHARED_MODULE for path in adapter.modules)
         groups = max(1, round(count * (1.0 - tying)))
         group_size = max(1, count // groups)
-        edits: list[TensorEdit] = []
-        for module in modules:
-            a, b = require(adapter, module, "tinylora_A", "tinylora_B")
-            if not module.has("tinylora_P"):
-                raise UnsupportedAdapterError(
-                    "this TinyLoRA adapter was saved without its projections (save_projection=False): PEFT draws "
-                    "them again from projection_seed and each layer's position in the model's module order, which "
-                    "the checkpoint does not record",
-                    path=adapter.weights.path,
-                    fix="re-save it with save_projection=True (the default), or merge it with PEFT",
-                )
-            p = module.params["tinylora_P"]
-            position = self._position(adapter, p, seed, count)
-            if position is None:
-                raise InputError(
-                    f"{module.path}: its tinylora_P is none of the {count} projections projection_seed={seed} gives",
-                    path=adapter.weights.path,
-                    fix="the config and the weights do not belong together; re-save the adapter",
-                )
-            group = str(min(position // group_size, groups - 1))
-            if group not in vectors:
-                raise missing_params(adapter, "base_model", list(vectors), f"tinylora_v.{group}")
-            edits.append(TinyloraEdit(adapter, f"{module.path}.weight", a, b, p, vectors[group]))
-        return edits
+        a, b = require(adapter, module, "tinylora_A", "tinylora_B")
+        if not module.has("tinylora_P"):
+            raise UnsupportedAdapterError(
+                "this TinyLoRA adapter was saved without its projections (save_projection=False): PEFT draws "
+                "them again from projection_seed and each layer's position in the model's module order, which "
+                "the checkpoint does not record",
+                path=adapter.weights.path,
+                fix="re-save it with save_projection=True (the default), or merge it with PEFT",
+            )
+        p = module.params["tinylora_P"]
+        position = self._position(adapter, p, seed, count)
+        if position is None:
+            raise InputError(
+                f"{module.path}: its tinylora_P is none of the {count} projections projection_seed={seed} gives",
+                path=adapter.weights.path,
+                fix="the config and the weights do not belong together; re-save the adapter",
+            )
+        group = str(min(position // group_size, groups - 1))
+        if group not in vectors:
+            raise missing_params(adapter, "base_model", list(vectors), f"tinylora_v.{group}")
+        return [TinyloraEdit(adapter, f"{module.path}.weight", a, b, p, vectors[group])]
 
     @staticmethod
     def _position(adapter: Adapter, p_key: str, seed: int, count: int) -> int | None:

@@ -12,33 +12,32 @@ from collections.abc import Callable
 
 import torch
 
-from lora_cli.adapters.additive import require
-from lora_cli.adapters.base import Adapter, AdapterKind, Shape, TensorEdit, register
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, Shape, TensorEdit
 from lora_cli.adapters.common import TokenRowsEdit
+from lora_cli.adapters.params import require
 from lora_cli.errors import InputError
 
 
-@register
 class TrainableTokens(AdapterKind):
     peft_type = "TRAINABLE_TOKENS"
     param_roots = frozenset({"trainable_tokens_delta"})
 
-    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+    def check_adapter(self, adapter: Adapter) -> None:
         indices = adapter.config.get("token_indices")
         if not isinstance(indices, list) or not all(isinstance(i, int) and i >= 0 for i in indices):
             raise InputError(
                 f"token_indices must be a list of token ids, got {indices!r}",
-                path=adapter.directory / "adapter_config.json",
+                path=adapter.config_path,
             )
-        keys = {
-            module.path: require(adapter, module, "trainable_tokens_delta")[0] for module in adapter.modules.values()
-        }
-        edits: list[TensorEdit] = []
-        for path, key in keys.items():
-            if base_shape(f"{path}.weight") is None and self._tied_copy(adapter, key, keys, base_shape):
-                continue
-            edits.append(TokenRowsEdit(adapter, f"{path}.weight", key, list(indices)))
-        return edits
+
+    def module_edits(
+        self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
+    ) -> list[TensorEdit]:
+        keys = {other.path: require(adapter, other, "trainable_tokens_delta")[0] for other in adapter.modules.values()}
+        key = keys[module.path]
+        if base_shape(f"{module.path}.weight") is None and self._tied_copy(adapter, key, keys, base_shape):
+            return []
+        return [TokenRowsEdit(adapter, f"{module.path}.weight", key, list(adapter.config["token_indices"]))]
 
     @staticmethod
     def _tied_copy(adapter: Adapter, key: str, keys: dict[str, str], base_shape: Callable[[str], Shape | None]) -> bool:
