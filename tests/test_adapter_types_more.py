@@ -32,6 +32,7 @@ from peft import (
     SupertuningConfig,
     TinyLoraConfig,
     TrainableTokensConfig,
+    UniLoraConfig,
     VeraConfig,
 )
 from safetensors.torch import load_file
@@ -170,6 +171,13 @@ CASES = {
         "gpt2",
         RandLoraConfig(r=4, very_sparse=True, target_modules=["c_attn"], fan_in_fan_out=True, save_projection=False),
         bf16=1.0,
+    ),
+    "unilora": Case(
+        "llama", UniLoraConfig(r=4, theta_d_length=64, target_modules=ATTN, save_indices=True, init_weights=False)
+    ),
+    "unilora_gpt2": Case(
+        "gpt2",
+        UniLoraConfig(r=2, theta_d_length=32, target_modules=["c_attn"], fan_in_fan_out=True, save_indices=True),
     ),
 }
 

@@ -19,6 +19,5 @@ REFUSED: dict[str, str] = {
     "ADAMSS": _NOT_YET,
     "FROD": _NOT_YET,
     "GLORA": _NOT_YET,
-    "UNILORA": _NOT_YET,
     "WAVEFT": _NOT_YET,
 }

@@ -34,6 +34,7 @@ from lora_cli.adapters.shira import Shira
 from lora_cli.adapters.supertuning import Supertuning
 from lora_cli.adapters.tinylora import Tinylora
 from lora_cli.adapters.trainable_tokens import TrainableTokens
+from lora_cli.adapters.unilora import Unilora
 from lora_cli.adapters.vblora import Vblora
 from lora_cli.adapters.vera import Pvera, Vera
 from lora_cli.errors import UnsupportedAdapterError
@@ -68,6 +69,7 @@ KINDS: tuple[type[AdapterKind], ...] = (
     Supertuning,
     Tinylora,
     TrainableTokens,
+    Unilora,
 )
 REGISTRY: dict[str, AdapterKind] = {kind.peft_type: kind() for kind in KINDS}
 
