@@ -21,6 +21,7 @@ import torch
 from peft import (
     BeftConfig,
     DeftConfig,
+    GloraConfig,
     GraloraConfig,
     HiraConfig,
     OFTConfig,
@@ -178,6 +179,23 @@ CASES = {
     "unilora_gpt2": Case(
         "gpt2",
         UniLoraConfig(r=2, theta_d_length=32, target_modules=["c_attn"], fan_in_fan_out=True, save_indices=True),
+    ),
+    # The undo is PEFT's unmerge, (W' - B) / (1 + A): two roundings more than a subtraction, so 2 ulps; factors of
+    # PEFT's initial scale (0.1) keep 1 + A away from zero.
+    "glora": Case("llama", GloraConfig(r=4, target_modules=ATTN, init_weights=False), scale=0.1, undo_ulps=2.0),
+    "glora_vectors_biases": Case(
+        "mlp",
+        GloraConfig(
+            config_A_B="vector", config_C="none", config_D_E="vector", target_modules=["fc1", "fc2"], init_weights=False
+        ),
+        scale=0.1,
+        undo_ulps=2.0,
+    ),
+    "glora_constant": Case(
+        "mlp",
+        GloraConfig(config_A_B="constant", config_C="none", config_D_E="constant", target_modules=["fc2", "head"]),
+        scale=0.1,
+        undo_ulps=2.0,
     ),
 }
 
