@@ -38,6 +38,7 @@ from peft import (
 )
 from safetensors.torch import load_file
 
+from lora_cli.errors import AdapterMismatchError, UnsupportedAdapterError
 from lora_cli.merge import merge
 from lora_cli.numerics import max_ulps
 from lora_cli.sources import AdapterSpec, local_source
@@ -262,3 +263,44 @@ def test_type_matches_peft_merge(tmp_path, name, dtype):
             else:
                 at = torch.maximum(base[key].abs(), ours[key].abs())
                 assert max_ulps(tensor, base[key], at=at) <= case.undo_ulps, key
+
+
+# What PEFT can merge but loractl cannot without information the files do not hold, refused by name and writing
+# nothing: (model, config, error, message).
+REFUSALS = {
+    "beft_without_bias": (
+        "llama",
+        BeftConfig(target_modules=["q_proj"], init_weights=False),
+        AdapterMismatchError,
+        "has no bias, so its BEFT bias cannot be merged",
+    ),
+    "glora_bias_reads_weight": (
+        "mlp",
+        GloraConfig(r=2, target_modules=["fc1"], init_weights=False),
+        UnsupportedAdapterError,
+        "bias update adds W @ C",
+    ),
+    "tinylora_without_projections": (
+        "llama",
+        TinyLoraConfig(r=2, u=4, target_modules=["q_proj"], save_projection=False, init_weights=False),
+        UnsupportedAdapterError,
+        "saved without its projections",
+    ),
+    "unilora_without_indices": (
+        "llama",
+        UniLoraConfig(r=2, theta_d_length=16, target_modules=["q_proj"]),
+        UnsupportedAdapterError,
+        "saved without its indices",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSALS))
+def test_what_the_files_cannot_tell_is_refused_by_name(tmp_path, name):
+    model, config, error, message = REFUSALS[name]
+    factory = functools.partial(FACTORIES[model], torch.float32)
+    save_base(factory(), tmp_path / "base")
+    make_adapter(factory, config, tmp_path / "adapter")
+    with pytest.raises(error, match=message):
+        merge(local_source(tmp_path / "base"), [AdapterSpec(local_source(tmp_path / "adapter"))], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
