@@ -274,12 +274,12 @@ def test_every_peft_type_is_merged_or_refused_by_name():
 
 
 def test_refused_type_is_named_with_its_reason(tmp_path):
-    from peft import WaveFTConfig
+    from peft import LilyConfig
 
     factory = functools.partial(tiny_llama, torch.float32)
     save_base(factory(), tmp_path / "base")
-    make_adapter(factory, WaveFTConfig(n_frequency=16, target_modules=["q_proj"]), tmp_path / "adapter")
-    with pytest.raises(UnsupportedAdapterError, match="WAVEFT is not supported: PEFT can merge it"):
+    make_adapter(factory, LilyConfig(r=2, target_modules=["q_proj"]), tmp_path / "adapter")
+    with pytest.raises(UnsupportedAdapterError, match="LILY is not supported: PEFT cannot merge it either"):
         merge(local_source(tmp_path / "base"), [AdapterSpec(local_source(tmp_path / "adapter"))], tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

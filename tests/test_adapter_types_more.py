@@ -35,6 +35,7 @@ from peft import (
     TrainableTokensConfig,
     UniLoraConfig,
     VeraConfig,
+    WaveFTConfig,
 )
 from safetensors.torch import load_file
 
@@ -198,6 +199,15 @@ CASES = {
         scale=0.1,
         undo_ulps=2.0,
     ),
+    "waveft": Case("llama", WaveFTConfig(n_frequency=64, target_modules=ATTN, init_weights=False)),
+    "waveft_db3": Case(
+        "llama", WaveFTConfig(n_frequency=50, wavelet_family="db3", target_modules=["v_proj", "up_proj"])
+    ),
+    "waveft_coif2": Case("llama", WaveFTConfig(n_frequency=40, wavelet_family="coif2", target_modules=["k_proj"])),
+    "waveft_no_idwt_gpt2": Case(
+        "gpt2", WaveFTConfig(n_frequency=30, use_idwt=False, target_modules=["c_fc"], fan_in_fan_out=True)
+    ),
+    "waveft_gpt2": Case("gpt2", WaveFTConfig(n_frequency=30, target_modules=["c_attn"], fan_in_fan_out=True)),
 }
 
 

@@ -18,5 +18,4 @@ REFUSED: dict[str, str] = {
     "SHADOW": "PEFT cannot merge it either: its adaptation depends on the input",
     "ADAMSS": _NOT_YET,
     "FROD": _NOT_YET,
-    "WAVEFT": _NOT_YET,
 }

@@ -38,6 +38,7 @@ from lora_cli.adapters.trainable_tokens import TrainableTokens
 from lora_cli.adapters.unilora import Unilora
 from lora_cli.adapters.vblora import Vblora
 from lora_cli.adapters.vera import Pvera, Vera
+from lora_cli.adapters.waveft import Waveft
 from lora_cli.errors import UnsupportedAdapterError
 
 KINDS: tuple[type[AdapterKind], ...] = (
@@ -72,6 +73,7 @@ KINDS: tuple[type[AdapterKind], ...] = (
     TrainableTokens,
     Unilora,
     Glora,
+    Waveft,
 )
 REGISTRY: dict[str, AdapterKind] = {kind.peft_type: kind() for kind in KINDS}
 
