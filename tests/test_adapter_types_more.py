@@ -21,6 +21,7 @@ import torch
 from peft import (
     BeftConfig,
     DeftConfig,
+    FrodConfig,
     GloraConfig,
     GraloraConfig,
     HiraConfig,
@@ -208,6 +209,18 @@ CASES = {
         "gpt2", WaveFTConfig(n_frequency=30, use_idwt=False, target_modules=["c_fc"], fan_in_fan_out=True)
     ),
     "waveft_gpt2": Case("gpt2", WaveFTConfig(n_frequency=30, target_modules=["c_attn"], fan_in_fan_out=True)),
+    "frod": Case(
+        "llama",
+        FrodConfig(target_modules=["q_proj", "k_proj", "down_proj"], progressbar=False, init_weights=False),
+        undo_from_base=True,
+        scale=0.1,
+    ),
+    "frod_gpt2": Case(
+        "gpt2",
+        FrodConfig(target_modules=["c_attn"], fan_in_fan_out=True, sparse_rate=0.05, progressbar=False),
+        undo_from_base=True,
+        scale=0.1,
+    ),
 }
 
 

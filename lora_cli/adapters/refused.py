@@ -17,5 +17,4 @@ REFUSED: dict[str, str] = {
     "LILY": "PEFT cannot merge it either (its merge raises NotImplementedError)",
     "SHADOW": "PEFT cannot merge it either: its adaptation depends on the input",
     "ADAMSS": _NOT_YET,
-    "FROD": _NOT_YET,
 }

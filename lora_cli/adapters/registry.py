@@ -14,6 +14,7 @@ from lora_cli.adapters.c3a import C3a
 from lora_cli.adapters.deft import Deft
 from lora_cli.adapters.delora import Delora
 from lora_cli.adapters.fourierft import Fourierft
+from lora_cli.adapters.frod import Frod
 from lora_cli.adapters.glora import Glora
 from lora_cli.adapters.gralora import Gralora
 from lora_cli.adapters.hira import Hira
@@ -74,6 +75,7 @@ KINDS: tuple[type[AdapterKind], ...] = (
     Unilora,
     Glora,
     Waveft,
+    Frod,
 )
 REGISTRY: dict[str, AdapterKind] = {kind.peft_type: kind() for kind in KINDS}
 
