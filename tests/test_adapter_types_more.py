@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import (
+    AdamssConfig,
     BeftConfig,
     DeftConfig,
     FrodConfig,
@@ -221,6 +222,11 @@ CASES = {
         undo_from_base=True,
         scale=0.1,
     ),
+    "adamss": Case(
+        "llama",
+        AdamssConfig(r=8, num_subspaces=3, subspace_rank=2, target_modules=ATTN, init_weights=None),
+        undo_from_base=True,
+    ),
 }
 
 
@@ -308,6 +314,18 @@ REFUSALS = {
         TinyLoraConfig(r=2, u=4, target_modules=["q_proj"], save_projection=False, init_weights=False),
         UnsupportedAdapterError,
         "saved without its projections",
+    ),
+    "frod_without_projections": (
+        "llama",
+        FrodConfig(target_modules=["q_proj"], save_projection=False, progressbar=False),
+        UnsupportedAdapterError,
+        "saved without its projections",
+    ),
+    "adamss_on_a_biased_layer": (
+        "mlp",
+        AdamssConfig(r=4, num_subspaces=2, target_modules=["fc2"], init_weights=None),
+        UnsupportedAdapterError,
+        "clusters \\[W \\| b\\]",
     ),
     "unilora_without_indices": (
         "llama",

@@ -16,5 +16,4 @@ REFUSED: dict[str, str] = {
     "XLORA": _ROUTED,
     "LILY": "PEFT cannot merge it either (its merge raises NotImplementedError)",
     "SHADOW": "PEFT cannot merge it either: its adaptation depends on the input",
-    "ADAMSS": _NOT_YET,
 }

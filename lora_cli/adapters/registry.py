@@ -7,6 +7,7 @@ it, so there is no import circle. Adding a type is one module and one line here.
 from __future__ import annotations
 
 from lora_cli.adapters.adalora import Adalora
+from lora_cli.adapters.adamss import Adamss
 from lora_cli.adapters.base import Adapter, AdapterKind
 from lora_cli.adapters.beft import Beft
 from lora_cli.adapters.boft import Boft
@@ -76,6 +77,7 @@ KINDS: tuple[type[AdapterKind], ...] = (
     Glora,
     Waveft,
     Frod,
+    Adamss,
 )
 REGISTRY: dict[str, AdapterKind] = {kind.peft_type: kind() for kind in KINDS}
 
