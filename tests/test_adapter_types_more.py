@@ -86,9 +86,8 @@ CASES = {
     "gralora_gpt2": Case(
         "gpt2", GraloraConfig(r=4, gralora_k=2, target_modules=["c_attn"], fan_in_fan_out=True, init_weights=False)
     ),
-    # PEFT rounds B @ A to bf16, multiplies by W in bf16 and adds in bf16: three roundings. The undo divides by
-    # 1 + B @ A, so factors of PEFT's initial scale (0.1) keep it away from zero, as trained ones are.
-    "hira": Case("llama", HiraConfig(r=4, target_modules=ATTN, init_weights=False), bf16=2.0, scale=0.1),
+    # The undo divides by 1 + B @ A: factors of PEFT's initial scale (0.1) keep it away from zero, as trained ones are.
+    "hira": Case("llama", HiraConfig(r=4, target_modules=ATTN, init_weights=False), scale=0.1),
     "osf": Case("llama", OSFConfig(effective_rank=8, target_modules=ATTN, init_weights=False), undo_from_base=True),
     "peanut": Case(
         "llama", PeanutConfig(r=4, depth=2, scaling=0.5, target_modules=ATTN, init_weights=False), undo_from_base=True

@@ -1,8 +1,8 @@
 """HiRA as PEFT defines it (`peft/tuners/hira/layer.py`): a Hadamard (element-wise) update, W' = W + W * (B @ A).
 
 The change scales each weight by its own factor, so it is computed on the base tensor: PEFT's `_merge` forms
-B @ A in fp32 (transposed for `fan_in_fan_out` layers and embeddings), then W + W * delta. `ADAPTER@w` scales the
-change: W (1 + w (B @ A)), undone by a division.
+B @ A in fp32 (transposed for `fan_in_fan_out` layers and embeddings), rounds it to the base dtype, then
+W + W * delta in that dtype. `ADAPTER@w` scales the change: W (1 + w (B @ A)), undone by a division.
 """
 
 from __future__ import annotations
@@ -42,7 +42,12 @@ class HiraEdit(TensorEdit):
         return product if self.adapter.weight == 1.0 else product * self.adapter.weight
 
     def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
-        return weight + weight * self.factor(ctx)
+        # PEFT rounds B @ A to the base dtype, then multiplies and adds in it: the same roundings, replayed.
+        factor = self.factor(ctx)
+        if ctx.stored_dtype is None:
+            return weight + weight * factor
+        factor = factor.to(ctx.stored_dtype).to(weight.dtype)
+        return weight + (weight * factor).to(ctx.stored_dtype).to(weight.dtype)
 
     def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
         return merged / (1 + self.factor(ctx))

@@ -2,7 +2,6 @@
 
 _PROMPT = "it learns virtual tokens or key/value prefixes fed to the model at run time; there is no weight to merge"
 _ROUTED = "it mixes adapters per input at run time; PEFT has no static merge for it either"
-_NOT_YET = "PEFT can merge it, but loractl does not implement its formula yet; merge it with PEFT's merge_and_unload"
 
 REFUSED: dict[str, str] = {
     "PROMPT_TUNING": _PROMPT,
