@@ -36,6 +36,10 @@ class GraloraEdit(AdditiveEdit):
         detail = f"k={self.k} r={self.gralora_r} hybrid_r={self.hybrid_r} scale={self.scaling:g}"
         super().__init__(adapter, target, keys, detail, scale=self.scaling)
 
+    def expected_shape(self) -> Shape:
+        out, into = self.k * self.out_block, self.k * self.in_block
+        return (into, out) if self.fan_in_fan_out else (out, into)
+
     def check(self, shape: Shape) -> str | None:
         b = self.adapter.weights.shape(self.b_key)
         out, into = self.k * self.out_block, self.k * self.in_block

@@ -38,6 +38,10 @@ class TinyloraEdit(AdditiveEdit):
         rank = adapter.weights.shape(a)[0]
         super().__init__(adapter, target, [a, b, p, v], f"r={rank} v={v.rsplit('.', 1)[-1]}")
 
+    def expected_shape(self) -> Shape:
+        a, b = self.adapter.weights.shape(self.a_key), self.adapter.weights.shape(self.b_key)
+        return (a[1], b[0]) if self.fan_in_fan_out else (b[0], a[1])
+
     def check(self, shape: Shape) -> str | None:
         a, b = self.adapter.weights.shape(self.a_key), self.adapter.weights.shape(self.b_key)
         product = (b[0], a[1])
