@@ -88,6 +88,10 @@ CASES = {
     ),
     # The undo divides by 1 + B @ A: factors of PEFT's initial scale (0.1) keep it away from zero, as trained ones are.
     "hira": Case("llama", HiraConfig(r=4, target_modules=ATTN, init_weights=False), scale=0.1),
+    "hira_embedding": Case("llama", HiraConfig(r=4, target_modules=["embed_tokens"], init_weights=False), scale=0.1),
+    "hira_gpt2": Case(
+        "gpt2", HiraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_weights=False), scale=0.1
+    ),
     "osf": Case("llama", OSFConfig(effective_rank=8, target_modules=ATTN, init_weights=False), undo_from_base=True),
     "peanut": Case(
         "llama", PeanutConfig(r=4, depth=2, scaling=0.5, target_modules=ATTN, init_weights=False), undo_from_base=True
