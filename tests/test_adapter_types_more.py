@@ -168,17 +168,13 @@ CASES = {
         "gpt2",
         VeraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, save_projection=False),
     ),
-    # PEFT rounds RandLoRA's delta to the base dtype before adding it (see test_adapter_types).
-    "randlora_drawn": Case(
-        "llama", RandLoraConfig(r=4, target_modules=["q_proj", "down_proj"], save_projection=False), bf16=1.0
-    ),
+    "randlora_drawn": Case("llama", RandLoraConfig(r=4, target_modules=["q_proj", "down_proj"], save_projection=False)),
     "randlora_drawn_sparse": Case(
-        "llama", RandLoraConfig(r=8, sparse=True, target_modules=["v_proj", "up_proj"], save_projection=False), 1.0
+        "llama", RandLoraConfig(r=8, sparse=True, target_modules=["v_proj", "up_proj"], save_projection=False)
     ),
     "randlora_drawn_very_sparse_gpt2": Case(
         "gpt2",
         RandLoraConfig(r=4, very_sparse=True, target_modules=["c_attn"], fan_in_fan_out=True, save_projection=False),
-        bf16=1.0,
     ),
     "unilora": Case(
         "llama", UniLoraConfig(r=4, theta_d_length=64, target_modules=ATTN, save_indices=True, init_weights=False)

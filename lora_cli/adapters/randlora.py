@@ -54,7 +54,9 @@ class RandloraEdit(AdditiveEdit):
         # PEFT returns (A, B) when the input side is the smaller one, else (B^T, A^T), and names them the other way.
         first, second = (update_a, update_b) if min_dim == into else (update_b.T, update_a.T)
         update = (first.T @ second.T).T
-        return (update.T if self.fan_in_fan_out else update) * self.scaling
+        delta = (update.T if self.fan_in_fan_out else update) * self.scaling
+        # PEFT's merge rounds the delta to the base dtype before adding it: the same rounding, replayed.
+        return delta if ctx.stored_dtype is None else delta.to(ctx.stored_dtype).to(delta.dtype)
 
 
 def draw_bases(adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> dict[str, torch.Tensor]:
