@@ -35,6 +35,9 @@ class RegeneratedWeights(AdapterWeights):
         # A copy: edits may work in place on what they load.
         return self.drawn[key].clone() if key in self.drawn else self.inner.load(key)
 
+    def check_unchanged(self) -> None:
+        self.inner.check_unchanged()
+
 
 def with_tensors(adapter: Adapter, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """Add drawn tensors, by parameter name, to the adapter's shared module; returns that module's params."""
