@@ -152,7 +152,8 @@ def apply_edits(
     if out is not None and out.device.type == "cpu" and tensor.shape == out.shape:
         shape = tuple(tensor.shape)
         if tensor.dim() >= 1 and all(edit.form.is_additive and edit.form.row_blocks for edit in planned.edits):
-            contexts = [EditContext(edit.adapter, device, work, workspace) for edit in planned.edits]
+            stored = planned.source.torch_dtype
+            contexts = [EditContext(edit.adapter, device, work, workspace, stored) for edit in planned.edits]
             rows = [edit.row_delta(shape, ctx) for edit, ctx in zip(planned.edits, contexts, strict=True)]
             return _add_rows(tensor, rows, out, work, workspace)
         deltas = _additive_deltas(planned, shape, device, work, workspace)
