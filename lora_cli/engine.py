@@ -152,7 +152,8 @@ def apply_edits(
     if out is not None and out.device.type == "cpu" and tensor.shape == out.shape:
         shape = tuple(tensor.shape)
         if tensor.dim() >= 1 and all(edit.form.is_additive and edit.form.row_blocks for edit in planned.edits):
-            contexts = [EditContext(edit.adapter, device, work, workspace) for edit in planned.edits]
+            stored = planned.source.torch_dtype
+            contexts = [EditContext(edit.adapter, device, work, workspace, stored) for edit in planned.edits]
             rows = [edit.row_delta(shape, ctx) for edit, ctx in zip(planned.edits, contexts, strict=True)]
             return _add_rows(tensor, rows, out, work, workspace)
         deltas = _additive_deltas(planned, shape, device, work, workspace)
@@ -160,7 +161,7 @@ def apply_edits(
             return _add_in_chunks(tensor, deltas, out, work)
     weight = working_copy(planned, tensor, device, workspace)
     for edit in planned.edits:
-        weight = edit.apply(weight, EditContext(edit.adapter, device, work, workspace))
+        weight = edit.apply(weight, EditContext(edit.adapter, device, work, workspace, planned.source.torch_dtype))
     return weight
 
 
@@ -220,7 +221,7 @@ def _additive_deltas(
         # Each edit may reuse the same scratch buffer: copy the previous delta before the next one overwrites it.
         if deltas:
             deltas[-1] = deltas[-1].clone()
-        deltas.append(edit.delta(shape, EditContext(edit.adapter, device, work, workspace)))
+        deltas.append(edit.delta(shape, EditContext(edit.adapter, device, work, workspace, planned.source.torch_dtype)))
     return deltas
 
 

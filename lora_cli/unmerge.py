@@ -122,7 +122,7 @@ def revert_edits(
     work = weight.dtype
 
     def ctx(edit: TensorEdit) -> EditContext:
-        return EditContext(edit.adapter, device, work, workspace)
+        return EditContext(edit.adapter, device, work, workspace, planned.source.torch_dtype)
 
     inputs: list[torch.Tensor | None] = [None] * len(planned.edits)
     if base is not None:

@@ -135,6 +135,8 @@ class EditContext:
     device: torch.device
     work_dtype: torch.dtype = torch.float32
     workspace: Workspace | None = None
+    # The base tensor's dtype as stored, for the types PEFT computes partly in it (OSF, FRoD, GLoRA).
+    stored_dtype: torch.dtype | None = None
 
     def scratch(self, name: str, shape: Shape) -> torch.Tensor | None:
         """A reusable working-precision buffer, or None when the caller runs without a workspace."""

@@ -17,8 +17,11 @@ from lora_cli.errors import InputError
 # The dtypes adapter weights are saved in; every formula computes in fp32 (fp64) from them.
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-# Parameters that hold positions, not values (SHiRA's sparse indices): integers.
-INDEX_PARAMS = frozenset({"shira_indices"})
+# Parameters that hold positions or sizes, not values (SHiRA's sparse indices, UniLoRA's and Super-Tuning's saved
+# indices, FRoD's sparse positions and size): integers.
+INDEX_PARAMS = frozenset(
+    {"shira_indices", "unilora_indices_A", "unilora_indices_B", "supertuning_indices", "frod_s_indices", "frod_s_size"}
+)
 
 
 def check_loaded(adapter: Adapter, *, allow_empty: bool = False) -> None:
@@ -38,7 +41,9 @@ def _check_dtypes(adapter: Adapter) -> None:
     params = {key: name for module in adapter.modules.values() for name, key in module.params.items()}
     for key in adapter.weights.keys():  # noqa: SIM118 - AdapterWeights is not a dict
         dtype = adapter.weights.dtype(key)
-        allowed = INTEGER_DTYPES if params.get(key, "").split(".")[0] in INDEX_PARAMS else FLOAT_DTYPES
+        # By the parameter's name, or by a segment of the key (FRoD saves one tensor per role, `frod_s_indices.<role>`).
+        index = params.get(key, "").split(".")[0] in INDEX_PARAMS or not INDEX_PARAMS.isdisjoint(key.split("."))
+        allowed = INTEGER_DTYPES if index else FLOAT_DTYPES
         if dtype not in allowed:
             kinds = "integer" if allowed is INTEGER_DTYPES else "float16, bfloat16, float32 or float64"
             raise InputError(

@@ -45,7 +45,7 @@ def load_adapter(directory: Path, *, ref: str | None = None, weight: float = 1.0
         ref=ref or str(directory), directory=directory, config=config, weights=weights, modules={}, weight=weight
     )
     kind = kind_for(adapter)
-    group_keys(adapter, kind.param_roots)
+    group_keys(adapter, kind.param_roots, getattr(kind, "param_leaves", frozenset()))
     check_loaded(adapter, allow_empty=allow_empty)
     return adapter
 
@@ -69,11 +69,13 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def group_keys(adapter: Adapter, param_roots: frozenset[str]) -> None:
+def group_keys(adapter: Adapter, param_roots: frozenset[str], leaves: frozenset[str] = frozenset()) -> None:
     """Sort every key into a module's parameters, a full-tensor copy, or replaced token rows.
 
     PEFT's names vary: with or without `base_model.model.`, with or without the adapter name (`lora_A.default.weight`),
     `base_layer` copies of targeted embeddings, `modules_to_save` copies saved under the plain module name.
+    `leaves` are second name segments that belong to the parameter (OSF's `osf_svd_params.U_low`), and so do list
+    indices (`peanut_encoders.0.weight`): those are never taken for an adapter name.
     """
     modules: dict[str, dict[str, str]] = {}
     for key in adapter.weights.keys():  # noqa: SIM118 - AdapterWeights is not a dict
@@ -82,7 +84,7 @@ def group_keys(adapter: Adapter, param_roots: frozenset[str]) -> None:
         if root is not None:
             # root 0: a tensor the type shares across modules (VeRA's vera_A/vera_B), kept under SHARED_MODULE.
             module, tail = ".".join(parts[:root]), parts[root:]
-            if len(tail) > 1 and tail[1] not in WEIGHT_SUFFIXES:
+            if len(tail) > 1 and tail[1] not in WEIGHT_SUFFIXES and tail[1] not in leaves and not tail[1].isdigit():
                 tail = [tail[0], *tail[2:]]  # drop the adapter name
             modules.setdefault(module, {})[".".join(tail)] = key
         elif "token_adapter" in parts:

@@ -3,7 +3,8 @@ orthogonal matrix R built from skew-symmetric blocks.
 
 Each block is the Cayley transform of skew(Q), by PEFT's truncated Neumann series (the default) or by an exact
 solve; COFT first projects Q into an eps-ball. The merge is W' = (R @ W.view(out, -1).T).T in fp32, as PEFT's
-`torch.mm(oft_mat, weight.t())`, so Linear and square-kernel Conv2d weights alike. Undo solves with R.
+`torch.mm(oft_mat, weight.t())`, so Linear and square-kernel Conv2d weights alike; an embedding's rows are rotated
+from the right, W' = W @ R (PEFT's `Embedding.merge`). Undo solves with R.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 
 from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
 from lora_cli.adapters.params import config_number, refuse_weight, require
-from lora_cli.errors import UnsupportedAdapterError
 
 
 def block_size_of(n_elements: int) -> int:
@@ -112,6 +112,21 @@ class OftEdit(TensorEdit):
         return f"oft blocks={self.blocks_stored} block_size={self.block}"
 
 
+class OftEmbeddingEdit(OftEdit):
+    """PEFT's `Embedding.merge`: the embedding dimension is rotated, W' = W @ R (a linear layer gets W @ R.T)."""
+
+    def check(self, shape: Shape) -> str | None:
+        if len(shape) != 2:
+            return f"{self.target}: OFT on an embedding needs a 2-D weight, base is {tuple(shape)}"
+        return super().check(shape)
+
+    def apply(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
+        return torch.mm(weight, self.rotation(weight.shape[1], ctx))
+
+    def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.linalg.solve(self.rotation(merged.shape[1], ctx), merged, left=False)
+
+
 class Oft(AdapterKind):
     peft_type = "OFT"
     param_roots = frozenset({"oft_R", "oft_embedding_R"})
@@ -123,8 +138,6 @@ class Oft(AdapterKind):
         self, adapter: Adapter, module: AdapterModule, base_shape: Callable[[str], Shape | None]
     ) -> list[TensorEdit]:
         if module.has("oft_embedding_R.weight"):
-            raise UnsupportedAdapterError(
-                f"{module.path}: OFT on embeddings is not supported", path=adapter.weights.path
-            )
+            return [OftEmbeddingEdit(adapter, f"{module.path}.weight", module.params["oft_embedding_R.weight"])]
         (key,) = require(adapter, module, "oft_R.weight")
         return [OftEdit(adapter, f"{module.path}.weight", key)]

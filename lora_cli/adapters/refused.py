@@ -2,7 +2,6 @@
 
 _PROMPT = "it learns virtual tokens or key/value prefixes fed to the model at run time; there is no weight to merge"
 _ROUTED = "it mixes adapters per input at run time; PEFT has no static merge for it either"
-_NOT_YET = "PEFT can merge it, but loractl does not implement its formula yet; merge it with PEFT's merge_and_unload"
 
 REFUSED: dict[str, str] = {
     "PROMPT_TUNING": _PROMPT,
@@ -16,19 +15,4 @@ REFUSED: dict[str, str] = {
     "XLORA": _ROUTED,
     "LILY": "PEFT cannot merge it either (its merge raises NotImplementedError)",
     "SHADOW": "PEFT cannot merge it either: its adaptation depends on the input",
-    "ADAMSS": _NOT_YET,
-    "BEFT": _NOT_YET,
-    "DEFT": _NOT_YET,
-    "FROD": _NOT_YET,
-    "GLORA": _NOT_YET,
-    "GRALORA": _NOT_YET,
-    "HIRA": _NOT_YET,
-    "OSF": _NOT_YET,
-    "PEANUT": _NOT_YET,
-    "PSOFT": _NOT_YET,
-    "SUPERTUNING": _NOT_YET,
-    "TINYLORA": _NOT_YET,
-    "TRAINABLE_TOKENS": _NOT_YET + " (LoRA's trainable_token_indices are supported)",
-    "UNILORA": _NOT_YET,
-    "WAVEFT": _NOT_YET,
 }

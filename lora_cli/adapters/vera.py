@@ -2,21 +2,24 @@
 scaled per module by two learned vectors.
 
 delta = transpose((lambda_b * B[:out]) @ (lambda_d * A[:, :in]), fan_in_fan_out), in fp32. The projections are
-saved once in the adapter file (`base_model.vera_A`/`vera_B`); an adapter saved without them
-(`save_projection=False`) would need PEFT's seeded initialisation replayed, which loractl refuses. PVeRA
+saved once in the adapter file (`base_model.vera_A`/`vera_B`); for an adapter saved without them
+(`save_projection=False`) loractl draws them again as PEFT does, from `projection_prng_key`, bit for bit. PVeRA
 (`peft/tuners/pvera/layer.py`) is VeRA whose lambda_d and A carry a mean and a log-variance half; it merges by
 the mean.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
+from lora_cli.adapters import regenerated
 from lora_cli.adapters.additive import AdditiveEdit
-from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
-from lora_cli.adapters.params import missing_params
+from lora_cli.adapters.base import SHARED_MODULE, Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.params import config_number, missing_params
+from lora_cli.adapters.regenerated import largest_shape, with_tensors
 from lora_cli.errors import UnsupportedAdapterError
 
 
@@ -51,8 +54,8 @@ class VeraEdit(AdditiveEdit):
         return None
 
     def factors(self, ctx: EditContext, out: int, into: int) -> tuple[torch.Tensor, ...]:
-        sliced_a = ctx.load(self.proj_a)[:, :into]
-        sliced_b = ctx.load(self.proj_b)[:out, :]
+        sliced_a = regenerated.load(ctx, self.proj_a)[:, :into]
+        sliced_b = regenerated.load(ctx, self.proj_b)[:out, :]
         return ctx.load(self.lambda_b).unsqueeze(-1), sliced_b, ctx.load(self.lambda_d).unsqueeze(-1), sliced_a
 
     def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
@@ -74,10 +77,48 @@ class PveraEdit(VeraEdit):
         return lambda_b, sliced_b, lambda_d[: lambda_d.size(0) // 2, :], sliced_a[: sliced_a.size(0) // 2, :]
 
 
+def kaiming(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """PEFT's VeRA `_kaiming_init`: uniform in +-sqrt(3) * sqrt(2) / sqrt(fan_in), drawn from `generator`."""
+    bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
+    with torch.no_grad():
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def draw_projections(adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> dict[str, torch.Tensor]:
+    """vera_A and vera_B as PEFT draws them when they were not saved (`_init_vera_A_vera_B`): sized by the largest
+    (out, in) of the adapted layers, from a CPU generator seeded with `projection_prng_key`."""
+    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
+    shapes = []
+    for path in adapter.modules:
+        if path == SHARED_MODULE:
+            continue
+        shape = base_shape(f"{path}.weight")
+        if shape is None or len(shape) != 2:
+            raise UnsupportedAdapterError(
+                "this VeRA adapter was saved without its projections (save_projection=False); PEFT draws them "
+                f"again sized by the adapted layers, and {path}.weight is not a 2-D tensor of the base",
+                path=adapter.weights.path,
+                fix="pass the base it was trained on (--base for inspect), or re-save it with save_projection=True",
+            )
+        shapes.append((shape[1], shape[0]) if fan_in_fan_out else tuple(shape))
+    out, into = largest_shape(shapes)
+    rank = int(config_number(adapter, "r", 256))
+    generator = torch.Generator(device="cpu").manual_seed(int(config_number(adapter, "projection_prng_key", 0)))
+    vera_a = kaiming((rank, into), generator)
+    vera_b = kaiming((out, rank), generator)
+    return {"vera_A": vera_a, "vera_B": vera_b}
+
+
 class Vera(AdapterKind):
     peft_type = "VERA"
     param_roots = frozenset({"vera_lambda_b", "vera_lambda_d", "vera_A", "vera_B"})
     edit_type: type[VeraEdit] = VeraEdit
+
+    def edits(self, adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> list[TensorEdit]:
+        shared = self.shared_params(adapter)
+        if self.peft_type == "VERA" and not {"vera_A", "vera_B"} <= set(shared):
+            with_tensors(adapter, draw_projections(adapter, base_shape))
+        return super().edits(adapter, base_shape)
 
     def check_adapter(self, adapter: Adapter) -> None:
         prefix = self.edit_type.prefix
