@@ -258,9 +258,9 @@ def diff_command(
 
 
 def _expert_table(result: DiffResult) -> Table:
+    """Routed experts stored apart, one row per layer: how many of its experts differ, and which."""
     from rich.table import Table
 
-    """Routed experts stored apart, one row per layer: how many of its experts differ, and which."""
     table = Table(title="experts by layer", title_justify="left")
     for column in ("layer", "experts", "differ", "experts that differ", "components that differ", "max |A-B|/|A|"):
         table.add_column(column, justify="left" if "that differ" in column else "right")
