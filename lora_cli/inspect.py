@@ -557,7 +557,7 @@ def unmatched_targets(targets: object, tensors: dict[str, object]) -> list[str]:
     """`target_modules` entries that match no module of the base, as PEFT matches them: a name matches when it
     equals the module's name or is its last dotted part(s); a string is a regex the whole module name must match.
     An entry that matches nothing adapts nothing (a Phi-1.5 config's `Wqkv` on a model whose layers say `qkv`)."""
-    import re
+    from lora_cli.patterns import full_match
 
     modules = {name.rsplit(".", 1)[0] for name in tensors if "." in name}
     if isinstance(targets, str):
@@ -565,11 +565,11 @@ def unmatched_targets(targets: object, tensors: dict[str, object]) -> list[str]:
             return []
         stripped = modules | {m[len(p) :] for m in modules for p in PREFIXES if m.startswith(p)}
         try:
-            pattern = re.compile(targets)
-        except re.error:
-            return [f"target_modules {targets!r} is not a valid regex"]
-        if any(pattern.fullmatch(m) for m in stripped):
-            return []
+            if any(full_match(targets, m, key="target_modules") for m in stripped):
+                return []
+        except InputError as exc:
+            # Only a warning is at stake: say why it could not be checked (invalid, or too slow to match).
+            return [exc.message]
         return [f"target_modules {targets!r} matches no module of the base: nothing it names is adapted"]
     if not isinstance(targets, list | tuple | set):
         return []

@@ -15,7 +15,6 @@ the checkpoint stores for it, through `lora_cli.naming` (per expert, fused or tr
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 
 import torch
@@ -25,6 +24,7 @@ from lora_cli.errors import AdapterMismatchError, InputError
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH
 from lora_cli.io.safetensors_file import TensorInfo
 from lora_cli.naming import NameMap, RuntimeParamEdit, StoredPiece
+from lora_cli.patterns import full_match
 
 BASE_LAYER = ".base_layer"
 
@@ -268,9 +268,10 @@ class ExpertPieceEdit(TensorEdit):
 
 
 def _is_target_module(target_modules: object, path: str) -> bool:
-    """PEFT's `target_modules` rule: a regex matched in full, or names matched as the path's last segments."""
+    """PEFT's `target_modules` rule: a regex matched in full (by the bounded engine, `patterns.py`), or names
+    matched as the path's last segments."""
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, path) is not None
+        return full_match(target_modules, path, key="target_modules")
     if isinstance(target_modules, list):
         return any(path == str(t) or path.endswith("." + str(t)) for t in target_modules)
     return False
