@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_cli.errors import InputError, SwappedArgumentsError
 from lora_cli.filenames import ADAPTER_FILES, CONFIG, INDEX_FILE, SINGLE_FILE
 from lora_cli.io.jsonio import load_json
 from lora_cli.io.remote import remote_shard, remote_shards_in
 from lora_cli.io.safetensors_file import SafetensorsFile, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    from lora_cli.quant.view import Quantization
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -22,6 +26,8 @@ class CheckpointIndex:
     shards: list[SafetensorsFile]
     tensors: dict[str, TensorInfo]
     index_metadata: dict[str, object]
+    # Set when quantized weights were replaced by their logical (dequantized) tensors: lora_cli/quant/view.py.
+    quantization: Quantization | None = None
 
     @property
     def total_bytes(self) -> int:

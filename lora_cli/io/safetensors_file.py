@@ -59,6 +59,11 @@ class TensorInfo:
 
         return SAFETENSORS_TO_TORCH[self.dtype]
 
+    @property
+    def stored(self) -> bool:
+        """The bytes at `offset` are this tensor (a quantized weight's logical tensor is computed instead)."""
+        return True
+
 
 @dataclass(frozen=True)
 class SafetensorsFile:
