@@ -62,7 +62,7 @@ def _allowed_root(folder: Path) -> Path:
 
 
 def update_config(
-    out: Path, *, dtype: str | None, vocab_size: int | None, tie: bool | None = None
+    out: Path, *, dtype: str | None, vocab_size: int | None, tie: bool | None = None, dequantized: bool = False
 ) -> dict[str, object]:
     """Rewrite OUT/config.json where the merge changed the model (`tie`: set tie_word_embeddings); returns changes."""
     path = out / CONFIG

@@ -68,7 +68,15 @@ def read_json(path: Path, *, unique_keys: bool = False) -> dict:
 
 
 def open_checkpoint(directory: Path) -> CheckpointIndex:
-    """Index a checkpoint folder, checking that the index and the shards agree."""
+    """Index a checkpoint folder, checking that the index and the shards agree. A quantized checkpoint is seen
+    as its logical tensors: each quantized weight one tensor, dequantized when read (lora_cli/quant/view.py)."""
+    from lora_cli.quant.view import logical_index  # the quant package builds on this module
+
+    return logical_index(open_stored(directory))
+
+
+def open_stored(directory: Path) -> CheckpointIndex:
+    """Index a checkpoint folder's tensors as stored (quantized parts included)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError("is not a folder", path=directory, fix="pass a checkpoint folder or a Hub repo id")

@@ -1,0 +1,150 @@
+"""`loractl merge` onto quantized bases: NF4 saved by bitsandbytes and FP8 written by the test, merged and compared
+with PEFT on the dequantized base (tensors and logits), and the output loaded by plain transformers."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from lora_cli.cli.app import app
+from tests.builders import load_merged, make_adapter, peft_logits, peft_merged_state, tiny_llama
+from tests.builders_quant import bnb_dequantized, load_bnb, save_bnb
+
+runner = CliRunner()
+FACTORY = functools.partial(tiny_llama, torch.bfloat16)
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+INPUTS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))
+FP8_BLOCK = [16, 24]  # 64 columns are 2 full blocks and a partial one, as 7168/128 is on DeepSeek-V3 shapes
+
+
+def invoke(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def with_weights(path: Path, dtype: torch.dtype):
+    """The tiny Llama with a state dict of our choosing (a dequantized base) in `dtype`."""
+
+    def build():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("qbases")
+    FACTORY().save_pretrained(root / "bf16")
+    make_adapter(FACTORY, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False), root / "lora", scale=0.1)
+    save_bnb(root / "bf16", root / "nf4", "nf4-dq")
+    # The reference base for NF4: PEFT's own dequantization of every Linear4bit (bf16, the quant state's dtype).
+    plain = load_file(root / "bf16" / "model.safetensors")
+    plain.update(bnb_dequantized(load_bnb(root / "nf4")))
+    _save_plain(root / "bf16", root / "nf4-deq", plain)
+    _write_fp8(root / "bf16", root / "fp8", root / "fp8-deq")
+    return {name: root / name for name in ("bf16", "lora", "nf4", "nf4-deq", "fp8", "fp8-deq")}
+
+
+def _save_plain(template: Path, out: Path, state: dict[str, torch.Tensor]) -> None:
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors")
+    (out / "config.json").write_text((template / "config.json").read_text())
+
+
+def _write_fp8(template: Path, out: Path, deq: Path) -> None:
+    """FP8 block-scaled the DeepSeek way (written by hand); the fp32 reference base dequantized by transformers."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    from tests.builders_quant import fp8_block_quantize
+
+    stored, reference = {}, {}
+    for name, value in load_file(template / "model.safetensors").items():
+        if name.endswith("proj.weight"):
+            q, scale = fp8_block_quantize(value.float(), tuple(FP8_BLOCK))
+            stored[name], stored[name.removesuffix("weight") + "weight_scale_inv"] = q, scale
+            reference[name] = _dequantize_fp8_weight(q.clone(), scale, FP8_BLOCK, torch.float32)
+        else:
+            stored[name], reference[name] = value, value.float()
+    _save_plain(template, out, stored)
+    config = json.loads((template / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": FP8_BLOCK,
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    _save_plain(template, deq, reference)
+
+
+def _bit_identical(ours: dict, reference: dict, names: list[str]) -> int:
+    return sum(torch.equal(ours[n], reference[n]) for n in names)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp8"])
+def test_merge_onto_a_quantized_base_is_peft_on_the_dequantized_base(bases: dict, tmp_path: Path, fmt: str) -> None:
+    out = tmp_path / "merged"
+    result = invoke("merge", bases[fmt], bases["lora"], out, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    merged = load_merged(out)
+    plain_names = set(load_file(bases["bf16"] / "model.safetensors"))
+    assert set(merged) == plain_names  # every auxiliary tensor consumed, every weight back under its name
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+
+    # NF4: PEFT merges into the bf16 dequantized weights (fp32 delta added, rounded once, as its in-place add does).
+    # FP8: PEFT on the fp32 dequantized weights, rounded once to bf16 (transformers' own FP8 path rounds first).
+    work = torch.bfloat16 if fmt == "nf4" else torch.float32
+    reference = peft_merged_state(with_weights(bases[f"{fmt}-deq"], work), bases["lora"])
+    reference = {k: v.to(torch.bfloat16) for k, v in reference.items()}
+    edited = [n for n in merged if any(t in n for t in TARGETS)]
+    for name, value in merged.items():
+        torch.testing.assert_close(value, reference[name])  # bf16 defaults: rtol 1.6e-2, atol 1e-5
+    assert _bit_identical(merged, reference, edited) == len(edited) == 6
+    untouched = [n for n in merged if n not in edited]
+    assert _bit_identical(merged, reference, untouched) == len(untouched)
+
+    # Logits of the merged model, loaded by plain transformers, against the PeftModel on the dequantized base.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = model(INPUTS).logits
+    unmerged = peft_logits(with_weights(bases[f"{fmt}-deq"], torch.float32), bases["lora"], INPUTS)
+    # Only the merged weights' one rounding to bf16 separates them: 3 bf16 ulps at the logits' scale.
+    torch.testing.assert_close(ours, unmerged, rtol=0, atol=3 * 2**-8 * unmerged.abs().max().item())
+
+
+def test_merge_without_edits_dequantizes_every_weight(bases: dict, tmp_path: Path) -> None:
+    """An untouched quantized weight is written dequantized too: the output needs no quantization library."""
+    out = tmp_path / "out"
+    result = invoke("merge", bases["nf4"], bases["lora"], out, "--device", "cpu", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    merged = load_merged(out)
+    deq = load_file(bases["nf4-deq"] / "model.safetensors")
+    name = "model.layers.0.mlp.gate_proj.weight"  # not targeted
+    assert torch.equal(merged[name], deq[name].float())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_missing_auxiliary_tensor_is_exit_2_naming_it(bases: dict, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in bases["fp8"].iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    state = load_file(broken / "model.safetensors")
+    del state["model.layers.1.self_attn.v_proj.weight_scale_inv"]
+    save_file(state, broken / "model.safetensors")
+    result = invoke("merge", broken, bases["lora"], tmp_path / "out", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert "model.layers.1.self_attn.v_proj.weight_scale_inv" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
