@@ -148,3 +148,33 @@ def test_missing_auxiliary_tensor_is_exit_2_naming_it(bases: dict, tmp_path: Pat
     assert result.exit_code == 2, result.output
     assert "model.layers.1.self_attn.v_proj.weight_scale_inv" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_quantized_mismatch_is_warned_both_ways(bases: dict, tmp_path: Path) -> None:
+    from tests.test_cli_merge import copy_folder
+
+    lora = copy_folder(bases["lora"], tmp_path / "lora")
+    config = json.loads((lora / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "unsloth/tiny-llama-bnb-4bit"
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    result = invoke("merge", bases["bf16"], lora, tmp_path / "a", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    warnings = json.loads(result.stdout)["warnings"]
+    assert any("a quantized model, but the base given is not quantized" in w for w in warnings), warnings
+    result = invoke("merge", bases["nf4"], lora, tmp_path / "b", "--device", "cpu", "--json")
+    assert not any("quantized model" in w for w in json.loads(result.stdout)["warnings"])
+    config["base_model_name_or_path"] = "meta-llama/Tiny-Llama"
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    result = invoke("merge", bases["nf4"], lora, tmp_path / "c", "--device", "cpu", "--json")
+    warnings = json.loads(result.stdout)["warnings"]
+    assert any("names no quantized model, but the base given is quantized (bitsandbytes)" in w for w in warnings)
+
+
+def test_missing_quant_library_names_the_extra(bases: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    result = invoke("merge", bases["nf4"], bases["lora"], tmp_path / "out", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert "needs the bitsandbytes package" in result.output and "pip install loractl[quant]" in result.output
+    assert len(result.output.strip().splitlines()) == 1
