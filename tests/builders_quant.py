@@ -103,7 +103,13 @@ def load_bnb(path: Path, quantization_config: object = None):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"quantization_config": quantization_config} if quantization_config is not None else {}
-    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", **kwargs).eval()
+    for module in model.modules():
+        # bitsandbytes repacks 4-bit weights for an AVX512 CPU kernel at inference, which fails on layers narrower
+        # than a block; off, it dequantizes and multiplies as it does on a GPU (the QLoRA forward).
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def bnb_dequantized(model) -> dict[str, torch.Tensor]:

@@ -178,3 +178,24 @@ def test_missing_quant_library_names_the_extra(bases: dict, tmp_path: Path, monk
     assert result.exit_code == 2, result.output
     assert "needs the bitsandbytes package" in result.output and "pip install loractl[quant]" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_qlora_merge_reproduces_the_peft_model_on_the_4bit_base(bases: dict, tmp_path: Path) -> None:
+    """What QLoRA users run is the PeftModel on the 4-bit base: merging into the dequantized base reproduces it,
+    merging into the original bf16 weights does not (README "QLoRA semantics"; scripts/qlora_table.py)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        trained = PeftModel.from_pretrained(load_bnb(bases["nf4"]), bases["lora"]).eval()(INPUTS).logits.float()
+    errors = {}
+    for base in ("nf4", "bf16"):
+        out = tmp_path / base
+        assert invoke("merge", bases[base], bases["lora"], out, "--device", "cpu").exit_code == 0
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+        with torch.no_grad():
+            errors[base] = (model(INPUTS).logits.float() - trained).abs().max().item()
+    scale = trained.abs().max().item()
+    # bf16 forward passes that differ only in where the delta is rounded: a few bf16 ulps of the largest logit.
+    assert errors["nf4"] <= 4 * 2**-8 * scale, errors
+    assert errors["bf16"] > 4 * errors["nf4"], errors
