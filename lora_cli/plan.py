@@ -49,6 +49,8 @@ class MergePlan:
     retied: list[str] = field(default_factory=list)
     vocab_size: int | None = None
     warnings: list[str] = field(default_factory=list)
+    # A quantized base written in its own format (--requantize, lora_cli/quant/requantize.py), not dequantized.
+    keeps_quantization: bool = False
 
     @property
     def edited(self) -> list[PlannedTensor]:

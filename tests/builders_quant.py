@@ -3,14 +3,17 @@ transformers, compressed-tensors by its own compressors, GPTQ/AWQ packed by the 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+FP8_BLOCK = [16, 24]  # 64 columns are 2 full blocks and a partial one, as 7168/128 is on DeepSeek-V3 shapes
 
 
 def write_checkpoint(path: Path, shards: list[dict[str, torch.Tensor]], config: dict | None) -> Path:
@@ -148,3 +151,63 @@ def compressed_module(preset: str, weight: torch.Tensor) -> tuple[dict[str, torc
     stored = compressor.compress({"weight": weight, "weight_scale": scale, "weight_zero_point": zero_point}, scheme)
     group = {**scheme.model_dump(mode="json", exclude_none=True), "format": fmt}
     return dict(stored), group, fake_quantize(weight, scale, zero_point, args)
+
+
+def with_weights(path: Path, dtype: torch.dtype):
+    """The tiny Llama with a state dict of our choosing (a dequantized base) in `dtype`."""
+
+    def build():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    return build
+
+
+def build_quant_bases(root: Path) -> dict[str, Path]:
+    """A bf16 tiny Llama, a LoRA on it, its NF4 (double-quantized, saved by bitsandbytes) and FP8 (block-scaled,
+    written here) versions, and each one's reference dequantized base."""
+    from peft import LoraConfig
+
+    from tests.builders import make_adapter, tiny_llama
+
+    factory = functools.partial(tiny_llama, torch.bfloat16)
+    factory().save_pretrained(root / "bf16")
+    make_adapter(factory, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False), root / "lora", scale=0.1)
+    save_bnb(root / "bf16", root / "nf4", "nf4-dq")
+    # The reference base for NF4: PEFT's own dequantization of every Linear4bit (bf16, the quant state's dtype).
+    plain = load_file(root / "bf16" / "model.safetensors")
+    plain.update(bnb_dequantized(load_bnb(root / "nf4")))
+    _save_plain(root / "bf16", root / "nf4-deq", plain)
+    _write_fp8(root / "bf16", root / "fp8", root / "fp8-deq")
+    return {name: root / name for name in ("bf16", "lora", "nf4", "nf4-deq", "fp8", "fp8-deq")}
+
+
+def _save_plain(template: Path, out: Path, state: dict[str, torch.Tensor]) -> None:
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors")
+    (out / "config.json").write_text((template / "config.json").read_text())
+
+
+def _write_fp8(template: Path, out: Path, deq: Path) -> None:
+    """FP8 block-scaled the DeepSeek way (written by hand); the fp32 reference base dequantized by transformers."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    stored, reference = {}, {}
+    for name, value in load_file(template / "model.safetensors").items():
+        if name.endswith("proj.weight"):
+            q, scale = fp8_block_quantize(value.float(), tuple(FP8_BLOCK))
+            stored[name], stored[name.removesuffix("weight") + "weight_scale_inv"] = q, scale
+            reference[name] = _dequantize_fp8_weight(q.clone(), scale, FP8_BLOCK, torch.float32)
+        else:
+            stored[name], reference[name] = value, value.float()
+    _save_plain(template, out, stored)
+    config = json.loads((template / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "weight_block_size": FP8_BLOCK,
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    _save_plain(template, deq, reference)

@@ -3,86 +3,29 @@ with PEFT on the dequantized base (tensors and logits), and the output loaded by
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
-from tests.builders import load_merged, make_adapter, peft_logits, peft_merged_state, tiny_llama
-from tests.builders_quant import bnb_dequantized, load_bnb, save_bnb
+from tests.builders import load_merged, peft_logits, peft_merged_state
+from tests.builders_quant import TARGETS, build_quant_bases, load_bnb, with_weights
 
 runner = CliRunner()
-FACTORY = functools.partial(tiny_llama, torch.bfloat16)
-TARGETS = ["q_proj", "v_proj", "down_proj"]
 INPUTS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))
-FP8_BLOCK = [16, 24]  # 64 columns are 2 full blocks and a partial one, as 7168/128 is on DeepSeek-V3 shapes
 
 
 def invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def with_weights(path: Path, dtype: torch.dtype):
-    """The tiny Llama with a state dict of our choosing (a dequantized base) in `dtype`."""
-
-    def build():
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-    return build
-
-
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("qbases")
-    FACTORY().save_pretrained(root / "bf16")
-    make_adapter(FACTORY, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False), root / "lora", scale=0.1)
-    save_bnb(root / "bf16", root / "nf4", "nf4-dq")
-    # The reference base for NF4: PEFT's own dequantization of every Linear4bit (bf16, the quant state's dtype).
-    plain = load_file(root / "bf16" / "model.safetensors")
-    plain.update(bnb_dequantized(load_bnb(root / "nf4")))
-    _save_plain(root / "bf16", root / "nf4-deq", plain)
-    _write_fp8(root / "bf16", root / "fp8", root / "fp8-deq")
-    return {name: root / name for name in ("bf16", "lora", "nf4", "nf4-deq", "fp8", "fp8-deq")}
-
-
-def _save_plain(template: Path, out: Path, state: dict[str, torch.Tensor]) -> None:
-    out.mkdir()
-    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors")
-    (out / "config.json").write_text((template / "config.json").read_text())
-
-
-def _write_fp8(template: Path, out: Path, deq: Path) -> None:
-    """FP8 block-scaled the DeepSeek way (written by hand); the fp32 reference base dequantized by transformers."""
-    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
-
-    from tests.builders_quant import fp8_block_quantize
-
-    stored, reference = {}, {}
-    for name, value in load_file(template / "model.safetensors").items():
-        if name.endswith("proj.weight"):
-            q, scale = fp8_block_quantize(value.float(), tuple(FP8_BLOCK))
-            stored[name], stored[name.removesuffix("weight") + "weight_scale_inv"] = q, scale
-            reference[name] = _dequantize_fp8_weight(q.clone(), scale, FP8_BLOCK, torch.float32)
-        else:
-            stored[name], reference[name] = value, value.float()
-    _save_plain(template, out, stored)
-    config = json.loads((template / "config.json").read_text())
-    config["quantization_config"] = {
-        "quant_method": "fp8",
-        "activation_scheme": "dynamic",
-        "fmt": "e4m3",
-        "weight_block_size": FP8_BLOCK,
-    }
-    (out / "config.json").write_text(json.dumps(config))
-    _save_plain(template, deq, reference)
+    return build_quant_bases(tmp_path_factory.mktemp("qbases"))
 
 
 def _bit_identical(ours: dict, reference: dict, names: list[str]) -> int:

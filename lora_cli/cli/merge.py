@@ -113,6 +113,14 @@ def merge_command(
         int | None, typer.Option("--svd-rank", help="With --peft-compatible: PEFT's svd_rank (default the largest).")
     ] = None,
     allow_empty: AllowEmptyOpt = False,
+    requantize: Annotated[
+        bool,
+        typer.Option(
+            "--requantize",
+            help="Write a quantized base in its own format (FP8, bitsandbytes 4-bit): edited weights quantized "
+            "again with new scales, the others copied as stored. Default: a plain checkpoint, dequantized.",
+        ),
+    ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -183,6 +191,7 @@ def merge_command(
                 on_plan=lambda p: bar.set_total(p.output_bytes),
                 combine=combining,
                 peft=peft,
+                requantize=requantize,
             )
     summary.warnings[:0] = lineage
     if publisher is not None and out_option is None:

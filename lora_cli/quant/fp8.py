@@ -54,11 +54,17 @@ def lift(tensors: dict[str, TensorInfo], context: LiftContext) -> list[Quantized
 
 def _block_size(context: LiftContext) -> tuple[int, int] | None:
     block = context.qconfig.get("weight_block_size")
-    if block is None:
-        return None
-    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+    if block is not None and not (
+        isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)
+    ):
         raise context.bad("quantization_config.weight_block_size", f"{block!r} is not two positive integers")
-    return block[0], block[1]
+    return block_size(context.qconfig)
+
+
+def block_size(qconfig: dict) -> tuple[int, int] | None:
+    """The config's [rows, cols] block (checked when the checkpoint was opened), None without one."""
+    block = qconfig.get("weight_block_size")
+    return (block[0], block[1]) if block else None
 
 
 def scale_grid(
