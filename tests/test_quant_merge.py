@@ -142,3 +142,20 @@ def test_qlora_merge_reproduces_the_peft_model_on_the_4bit_base(bases: dict, tmp
     # bf16 forward passes that differ only in where the delta is rounded: a few bf16 ulps of the largest logit.
     assert errors["nf4"] <= 4 * 2**-8 * scale, errors
     assert errors["bf16"] > 4 * errors["nf4"], errors
+
+
+def test_inspect_diff_memory_and_unmerge_read_quantized_bases(bases: dict, tmp_path: Path) -> None:
+    """Every command opens a quantized base as its dequantized tensors (lora_cli/io/checkpoint.py)."""
+    result = invoke("diff", bases["nf4"], bases["nf4-deq"], "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["differ"] is False  # NF4 read as PEFT's own dequantization, bit for bit
+    for args in (("inspect", bases["lora"], "--base", bases["fp8"]), ("memory", bases["nf4"], bases["lora"])):
+        result = invoke(*args, "--json")
+        assert result.exit_code == 0, result.output
+    merged = tmp_path / "merged"
+    assert invoke("merge", bases["fp8"], bases["lora"], merged, "--device", "cpu", "--dtype", "float32").exit_code == 0
+    result = invoke("unmerge", merged, bases["lora"], tmp_path / "back", "--check-against", bases["fp8"], "--json")
+    assert result.exit_code == 0, result.output
+    back, reference = load_merged(tmp_path / "back"), load_file(bases["fp8-deq"] / "model.safetensors")
+    for name in back:
+        torch.testing.assert_close(back[name], reference[name].to(back[name].dtype), rtol=2**-20, atol=1e-6)
