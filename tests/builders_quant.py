@@ -140,13 +140,22 @@ def compressed_module(preset: str, weight: torch.Tensor) -> tuple[dict[str, torc
 
     scheme = preset_name_to_scheme(preset, ["Linear"])
     args = scheme.weights
-    if args.strategy == "group":
+    if args.strategy == "block":  # one scale per block, the ragged edge blocks included (zeros change no amax)
+        rows, cols = args.block_structure
+        grid = (math.ceil(weight.shape[0] / rows), math.ceil(weight.shape[1] / cols))
+        padded = weight.new_zeros(grid[0] * rows, grid[1] * cols)
+        padded[: weight.shape[0], : weight.shape[1]] = weight
+        tiles = padded.reshape(grid[0], rows, grid[1], cols)
+        low, high = tiles.amin(dim=(1, 3)), tiles.amax(dim=(1, 3))
+    elif args.strategy == "group":
         grouped = weight.reshape(weight.shape[0], -1, args.group_size)
         low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
     else:
         low, high = weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True)
     scale, zero_point = calculate_qparams(low, high, args)
-    fmt = {"FP8_DYNAMIC": "float-quantized", "W8A8": "int-quantized"}.get(preset, "pack-quantized")
+    fmt = {"FP8_DYNAMIC": "float-quantized", "FP8_BLOCK": "float-quantized", "W8A8": "int-quantized"}.get(
+        preset, "pack-quantized"
+    )
     compressor = BaseCompressor.get_value_from_registry(fmt)
     stored = compressor.compress({"weight": weight, "weight_scale": scale, "weight_zero_point": zero_point}, scheme)
     group = {**scheme.model_dump(mode="json", exclude_none=True), "format": fmt}

@@ -247,7 +247,7 @@ def test_bitsandbytes_missing_absmax_names_it(tmp_path: Path, bf16_base: Path) -
         lifted(path)
 
 
-@pytest.mark.parametrize("preset", ["FP8_DYNAMIC", "W8A8", "W4A16", "W4A16_ASYM", "W8A16"])
+@pytest.mark.parametrize("preset", ["FP8_DYNAMIC", "FP8_BLOCK", "W8A8", "W4A16", "W4A16_ASYM", "W8A16"])
 def test_compressed_tensors_match_the_library_quantize_dequantize(tmp_path: Path, preset: str) -> None:
     from tests.builders_quant import compressed_module
 

@@ -110,3 +110,21 @@ def test_requantize_without_edits_copies_the_base(bases: dict, tmp_path: Path, f
     written, stored = load_file(out / "model.safetensors"), load_file(bases[fmt] / "model.safetensors")
     untouched = [n for n in stored if "gate_proj" in n]
     assert untouched and all(torch.equal(written[n], stored[n]) for n in untouched)
+
+
+def test_unmerge_of_a_requantized_merge_is_written_dequantized(bases: dict, tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    assert invoke("merge", bases["fp8"], bases["lora"], merged, "--device", "cpu", "--requantize").exit_code == 0
+    back = tmp_path / "back"
+    result = invoke("unmerge", merged, bases["lora"], back, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "quantization_config" not in json.loads((back / "config.json").read_text())
+    restored, reference = load_merged(back), load_file(bases["fp8-deq"] / "model.safetensors")
+    assert set(restored) == set(reference)
+    merged32 = load_merged(_plain_fp32(bases, tmp_path))
+    for name in (n for n in restored if any(t in n for t in TARGETS) and n.endswith("weight")):
+        # The requantized merge carries E4M3's rounding of W + delta (half an ulp: 2^-4 of |W + delta|, or of the
+        # block's subnormal step), and the unmerged weight keeps it, plus its own bf16 rounding.
+        error = (restored[name].float() - reference[name]).abs()
+        bound = merged32[name].abs() * 2**-4 + reference[name].abs() * 2**-8 + 1e-6
+        assert (error <= bound).all(), name
