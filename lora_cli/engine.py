@@ -513,12 +513,19 @@ def _write_side_files(tmp: Path, plan: MergePlan, shards: list[ShardPlan], optio
     return config_changes
 
 
-def write_merge(prepared: Prepared, out: Path, options: WriteOptions, progress: Progress | None = None) -> WriteSummary:
-    """The merge: every edit applied in order, streamed to `out`, with the inputs recorded in its provenance."""
+def write_merge(
+    prepared: Prepared,
+    out: Path,
+    options: WriteOptions,
+    progress: Progress | None = None,
+    transform: Transform = apply_edits,
+) -> WriteSummary:
+    """The merge: every edit applied in order, streamed to `out`, with the inputs recorded in its provenance.
+    `transform` is the requantizing one for `merge --requantize` (lora_cli/quant/requantize.py)."""
     return write_plan(
         prepared.plan,
         out,
-        apply_edits,
+        transform,
         options,
         operation="merge",
         record=prepared.record(),
