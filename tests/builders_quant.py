@@ -130,7 +130,9 @@ def bnb_dequantized(model) -> dict[str, torch.Tensor]:
     return found
 
 
-def compressed_module(preset: str, weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict, torch.Tensor]:
+def compressed_module(
+    preset: str, weight: torch.Tensor, group_size: int | None = None
+) -> tuple[dict[str, torch.Tensor], dict, torch.Tensor]:
     """One Linear compressed by compressed-tensors with a preset scheme: its stored tensors, its config group, and
     the library's own quantize-dequantize of the weight (`fake_quantize`), the values a merge must start from."""
     from compressed_tensors.compressors import BaseCompressor
@@ -140,6 +142,8 @@ def compressed_module(preset: str, weight: torch.Tensor) -> tuple[dict[str, torc
 
     scheme = preset_name_to_scheme(preset, ["Linear"])
     args = scheme.weights
+    if group_size is not None:
+        args.group_size = group_size
     if args.strategy == "block":  # one scale per block, the ragged edge blocks included (zeros change no amax)
         rows, cols = args.block_structure
         grid = (math.ceil(weight.shape[0] / rows), math.ceil(weight.shape[1] / cols))
@@ -220,3 +224,53 @@ def _write_fp8(template: Path, out: Path, deq: Path) -> None:
     }
     (out / "config.json").write_text(json.dumps(config))
     _save_plain(template, deq, reference)
+
+
+def write_format_base(template: Path, out: Path, fmt: str) -> dict[str, torch.Tensor]:
+    """The tiny bf16 Llama with every decoder linear weight stored in `fmt` (GPTQ with desc_act, AWQ GEMM, or
+    compressed-tensors W4A16), built from the weights' own integer codes; returns the reference dequantized state
+    (the documented formula on the codes before packing, or compressed-tensors' fake_quantize)."""
+    state, reference = {}, {}
+    generator = torch.Generator().manual_seed(11)
+    group = 16
+    for name, value in load_file(template / "model.safetensors").items():
+        if not (".layers." in name and name.endswith("proj.weight")):
+            state[name], reference[name] = value, value
+            continue
+        stem = name.removesuffix("weight")
+        if fmt == "compressed":
+            stored, _, expected = compressed_module("W4A16_ASYM", value, group)
+            state.update({stem + k: v.contiguous() for k, v in stored.items()})
+            reference[name] = expected
+            continue
+        weight = value.float().t()  # [in, out], as GPTQ and AWQ store it
+        rows, cols = weight.shape
+        grouped = weight.reshape(rows // group, group, cols)
+        low, high = grouped.amin(dim=1), grouped.amax(dim=1)
+        scales = ((high - low) / 15).clamp(min=1e-6).to(torch.float16)
+        zeros = torch.round(-low / scales.float()).clamp(1, 15).to(torch.int64)
+        g_idx = torch.arange(rows) // group
+        if fmt == "gptq":
+            g_idx = g_idx[torch.randperm(rows, generator=generator)]  # desc_act: rows in any group order
+        codes = torch.round(weight / scales.float()[g_idx] + zeros[g_idx]).clamp(0, 15).to(torch.int64)
+        if fmt == "gptq":
+            qweight, qzeros = pack_gptq(codes, zeros, 4)
+            state.update({stem + "qweight": qweight, stem + "qzeros": qzeros, stem + "g_idx": g_idx.to(torch.int32)})
+        else:
+            state.update({stem + "qweight": pack_awq(codes), stem + "qzeros": pack_awq(zeros)})
+        state[stem + "scales"] = scales
+        reference[name] = (scales[g_idx] * (codes - zeros[g_idx]).to(torch.float16)).t().contiguous()
+    config = json.loads((template / "config.json").read_text())
+    config["quantization_config"] = {
+        "gptq": {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": True, "sym": False},
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm", "zero_point": True},
+        "compressed": {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {
+                "group_0": {**compressed_module("W4A16_ASYM", torch.randn(4, 32), group)[1], "targets": ["Linear"]}
+            },
+        },
+    }[fmt]
+    write_checkpoint(out, [state], config)
+    return reference
