@@ -60,6 +60,10 @@ Examples:
   loractl merge ./base ./a@1 ./b@1 ./merged --combine ties --density 0.5          (TIES, as mergekit)
 
   loractl merge ./base ./a@0.5 ./b@0.5 ./merged --combine dare_linear --density 0.3 --seed 7
+
+  loractl merge ./llama-bnb-4bit ./qlora ./merged           (quantized base: written dequantized, bf16)
+
+  loractl merge ./Qwen3-8B-FP8 ./lora ./merged --requantize (the base's own format, new scales)
 """
 
 
