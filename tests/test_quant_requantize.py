@@ -128,3 +128,20 @@ def test_unmerge_of_a_requantized_merge_is_written_dequantized(bases: dict, tmp_
         error = (restored[name].float() - reference[name]).abs()
         bound = merged32[name].abs() * 2**-4 + reference[name].abs() * 2**-8 + 1e-6
         assert (error <= bound).all(), name
+
+
+def test_requantize_of_a_broken_adapter_fails_cleanly(bases: dict, tmp_path: Path) -> None:
+    """NaN in an edited weight: exit 2 naming the adapter, no output, and no companion read left waiting."""
+    from tests.test_cli_merge import copy_folder
+
+    lora = copy_folder(bases["lora"], tmp_path / "lora")
+    state = load_file(lora / "adapter_model.safetensors")
+    key = next(k for k in state if "lora_B" in k and "q_proj" in k)
+    state[key][0, 0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(state, lora / "adapter_model.safetensors")
+    for fmt in ("fp8", "nf4"):
+        result = invoke("merge", bases[fmt], lora, tmp_path / fmt, "--device", "cpu", "--requantize")
+        assert result.exit_code == 2, result.output
+        assert "holds NaN or Inf" in result.output and not (tmp_path / fmt).exists()

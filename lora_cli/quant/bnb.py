@@ -23,6 +23,7 @@ FOUR_BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 def lift(tensors: dict[str, TensorInfo], context: LiftContext) -> list[QuantizedTensor]:
     qconfig = context.qconfig
+    require("bitsandbytes", NAME)  # before anything is written: its dequantization is the reference
     if qconfig.get("load_in_4bit") or qconfig.get("_load_in_4bit"):
         return _lift_4bit(tensors, context)
     if qconfig.get("load_in_8bit") or qconfig.get("_load_in_8bit"):

@@ -43,17 +43,24 @@ class Stash:
     def __init__(self) -> None:
         self._values: dict[str, torch.Tensor] = {}
         self._ready = threading.Condition()
+        self._abandoned = False
 
     def put(self, values: dict[str, torch.Tensor]) -> None:
         with self._ready:
             self._values.update(values)
             self._ready.notify_all()
 
+    def abandon(self) -> None:
+        """The weight's job failed: a companion's read waiting for it gives up (the pipeline joins the reader)."""
+        with self._ready:
+            self._abandoned = True
+            self._ready.notify_all()
+
     def take(self, name: str) -> torch.Tensor:
         with self._ready:
-            self._ready.wait_for(lambda: name in self._values, timeout=600)
+            self._ready.wait_for(lambda: name in self._values or self._abandoned, timeout=3600)
             if name not in self._values:
-                raise RuntimeError(f"requantized part {name} was never computed")
+                raise RuntimeError(f"requantized part {name} was not computed (its weight's job failed)")
             return self._values.pop(name)
 
 
@@ -113,14 +120,18 @@ def requantize_plan(plan: MergePlan) -> tuple[MergePlan, Callable]:
     def transform(
         planned: PlannedTensor, tensor: torch.Tensor, device: torch.device, workspace: Workspace, out: torch.Tensor
     ) -> torch.Tensor:
-        merged = apply_edits(planned, tensor, device, workspace).to("cpu", torch.float32)
-        if not torch.isfinite(merged).all():  # checked here: a 4-bit output would hide it in its codes
-            raise NonFiniteError(
-                f"merged tensor {planned.name} holds NaN or Inf",
-                path=", ".join(sorted({e.adapter.label for e in planned.edits})),
-                fix="the adapter is broken for this base",
-            )
-        parts = encoders[planned.name](merged)
+        try:
+            merged = apply_edits(planned, tensor, device, workspace).to("cpu", torch.float32)
+            if not torch.isfinite(merged).all():  # checked here: a 4-bit output would hide it in its codes
+                raise NonFiniteError(
+                    f"merged tensor {planned.name} holds NaN or Inf",
+                    path=", ".join(sorted({e.adapter.label for e in planned.edits})),
+                    fix="the adapter is broken for this base",
+                )
+            parts = encoders[planned.name](merged)
+        except BaseException:
+            stash.abandon()
+            raise
         stash.put({name: value for name, value in parts.items() if name != planned.name})
         return parts[planned.name]
 
