@@ -279,3 +279,15 @@ def test_compressed_tensors_refuses_other_formats_by_name(tmp_path: Path) -> Non
     path = write_checkpoint(tmp_path / "m", [{f"p.{k}": v.contiguous() for k, v in stored.items()}], config)
     with pytest.raises(LoraCtlError, match=r"compressed-tensors format 'marlin-24' .* is not supported"):
         lifted(path)
+
+
+def test_fbgemm_fp8_per_channel_weight_scale(tmp_path: Path) -> None:
+    """fbgemm_fp8 stores `weight_scale` [out, 1] (fp32), multiplied like DeepSeek's inverse scales."""
+    torch.manual_seed(6)
+    q = (torch.randn(48, 64) * 30).to(torch.float8_e4m3fn)
+    scale = torch.rand(48, 1) * 0.01
+    config = {"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "fbgemm_fp8"}}
+    path = write_checkpoint(tmp_path / "fbgemm", [{"l.weight": q, "l.weight_scale": scale}], config)
+    tensors = lifted(path)
+    assert set(tensors) == {"l.weight"}
+    assert torch.equal(tensors["l.weight"].dequantize(), q.float() * scale)
