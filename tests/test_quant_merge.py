@@ -144,8 +144,14 @@ def test_qlora_merge_reproduces_the_peft_model_on_the_4bit_base(bases: dict, tmp
     assert errors["bf16"] > 4 * errors["nf4"], errors
 
 
-def test_inspect_diff_memory_and_unmerge_read_quantized_bases(bases: dict, tmp_path: Path) -> None:
+def test_inspect_diff_memory_and_unmerge_read_quantized_bases(
+    bases: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every command opens a quantized base as its dequantized tensors (lora_cli/io/checkpoint.py)."""
+    from lora_cli import memory
+
+    # The reference process's import cost is measured in a subprocess (30 s here); not what this test is about.
+    monkeypatch.setattr(memory, "reference_process_bytes", lambda: memory.REFERENCE_PROCESS_FALLBACK_BYTES)
     result = invoke("diff", bases["nf4"], bases["nf4-deq"], "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["differ"] is False  # NF4 read as PEFT's own dequantization, bit for bit
