@@ -270,7 +270,8 @@ def _input_range(job: _CopyJob | _ComputeJob) -> tuple[SourceFile | Path, int, i
     if isinstance(job, _CopyJob):
         return job.source, job.offset, job.nbytes
     source = job.planned.source
-    return source.handle or source.file, source.offset, source.nbytes
+    # A dequantized weight (lora_cli/quant) is read from its parts, not from this range: nothing to ask ahead.
+    return source.handle or source.file, source.offset, source.nbytes if source.stored else 0
 
 
 class _ComputeStep:
