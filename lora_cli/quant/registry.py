@@ -19,15 +19,3 @@ FORMATS: dict[str, Lift] = {
     "awq": gptq.lift_awq,
     "mxfp4": mxfp4.lift,
 }
-
-# Tensor-name endings that only quantized checkpoints have, and the format they betray: a checkpoint holding them
-# without a quantization_config is refused instead of being copied as if its integers were weights.
-MARKERS: dict[str, str] = {
-    ".weight_scale_inv": "fp8",
-    ".SCB": "bitsandbytes int8",
-    ".weight.absmax": "bitsandbytes 4-bit",
-    ".weight.quant_map": "bitsandbytes 4-bit",
-    ".weight_packed": "compressed-tensors",
-    ".qweight": "gptq/awq",
-    "_blocks": "mxfp4",
-}

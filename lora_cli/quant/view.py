@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lora_cli.io.checkpoint import CheckpointIndex
 from lora_cli.io.safetensors_file import TensorInfo
-from lora_cli.quant.base import LiftContext, QuantizedTensor, UnsupportedQuantError, safetensors_dtype
-from lora_cli.quant.registry import FORMATS, MARKERS
+from lora_cli.quant.markers import MARKERS
+
+if TYPE_CHECKING:
+    from lora_cli.quant.base import QuantizedTensor
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ def quantization_config(config: dict | None) -> dict | None:
 
 def compute_dtype(config: dict | None) -> str:
     """The dtype the model computes in: config's dtype/torch_dtype (also under text_config), else bf16."""
+    from lora_cli.quant.base import safetensors_dtype
+
     config = config or {}
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     for source in (config, text):
@@ -51,6 +56,10 @@ def logical_index(index: CheckpointIndex) -> CheckpointIndex:
     if qconfig is None:
         _refuse_unannounced(index)
         return index
+    # The formats (and torch) only for a quantized checkpoint: reading a plain header stays torch-free.
+    from lora_cli.quant.base import LiftContext
+    from lora_cli.quant.registry import FORMATS
+
     method = str(qconfig.get("quant_method", ""))
     lift = FORMATS.get(method)
     context = LiftContext(index.directory, qconfig, compute_dtype(config))
@@ -83,6 +92,8 @@ def _refuse_unannounced(index: CheckpointIndex) -> None:
     for name in index.tensors:
         for suffix, fmt in MARKERS.items():
             if name.endswith(suffix) and (suffix != "_blocks" or name[: -len(suffix)] + "_scales" in index.tensors):
+                from lora_cli.quant.base import UnsupportedQuantError
+
                 raise UnsupportedQuantError(
                     f"holds {fmt} quantized tensors ({name}) but config.json has no quantization_config",
                     path=index.directory,
