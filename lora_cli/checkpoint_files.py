@@ -62,9 +62,10 @@ def _allowed_root(folder: Path) -> Path:
 
 
 def update_config(
-    out: Path, *, dtype: str | None, vocab_size: int | None, tie: bool | None = None
+    out: Path, *, dtype: str | None, vocab_size: int | None, tie: bool | None = None, dequantized: bool = False
 ) -> dict[str, object]:
-    """Rewrite OUT/config.json where the merge changed the model (`tie`: set tie_word_embeddings); returns changes."""
+    """Rewrite OUT/config.json where the merge changed the model (`tie`: set tie_word_embeddings; `dequantized`:
+    drop quantization_config, the weights are plain now); returns changes."""
     path = out / CONFIG
     if not path.exists():
         return {}
@@ -83,6 +84,10 @@ def update_config(
     if tie is not None:
         set_tied(config, tie)
         changes[TIE_KEY] = tie
+    if dequantized:
+        for holder in (config, text or {}):
+            if holder.pop("quantization_config", None) is not None:
+                changes["quantization_config"] = "removed"
     if changes:
         replace_with(path, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return changes

@@ -270,7 +270,8 @@ def _input_range(job: _CopyJob | _ComputeJob) -> tuple[SourceFile | Path, int, i
     if isinstance(job, _CopyJob):
         return job.source, job.offset, job.nbytes
     source = job.planned.source
-    return source.handle or source.file, source.offset, source.nbytes
+    # A dequantized weight (lora_cli/quant) is read from its parts, not from this range: nothing to ask ahead.
+    return source.handle or source.file, source.offset, source.nbytes if source.stored else 0
 
 
 class _ComputeStep:
@@ -290,14 +291,17 @@ class _ComputeStep:
         computed = [job.planned for job in jobs if isinstance(job, _ComputeJob)]
         # Reused host buffers; page-locked for a GPU, so that uploads and downloads run at the bus's speed.
         pinned = device.type == "cuda"
-        self.inputs = BufferRing(INPUT_BUFFERS, max((p.source.nbytes for p in computed), default=0), pinned)
+        # A dequantized weight is formed in a tensor of its own, not read into the ring.
+        stored = [p.source.nbytes for p in computed if p.source.stored]
+        self.inputs = BufferRing(INPUT_BUFFERS, max(stored, default=0), pinned)
         self.outputs = BufferRing(OUTPUT_BUFFERS, max((p.output.nbytes for p in computed), default=0), pinned)
 
     def load(self, job: _CopyJob | _ComputeJob) -> torch.Tensor | None:
         self.prefetch.advance(self.position[id(job)])
         if isinstance(job, _CopyJob):
             return None
-        return read_tensor(job.planned.source, into=self.inputs.next(job.planned.source.nbytes))
+        source = job.planned.source
+        return read_tensor(source, into=self.inputs.next(source.nbytes) if source.stored else None)
 
     def compute(self, job: _CopyJob | _ComputeJob, raw: torch.Tensor | None) -> torch.Tensor | None:
         if isinstance(job, _CopyJob):
@@ -498,18 +502,31 @@ def _write_side_files(tmp: Path, plan: MergePlan, shards: list[ShardPlan], optio
         write_index(tmp, shards)
     copy_side_files(plan.base.directory, tmp)
     new_dtype = None if options.dtype == "auto" else options.dtype
-    config_changes = update_config(tmp, dtype=new_dtype, vocab_size=plan.vocab_size, tie=ties.config_value(plan))
+    quantization = plan.base.quantization
+    dequantized = quantization is not None and not plan.keeps_quantization
+    if dequantized and new_dtype is None:
+        new_dtype = dtype_name(SAFETENSORS_TO_TORCH[quantization.compute_dtype])
+    config_changes = update_config(
+        tmp, dtype=new_dtype, vocab_size=plan.vocab_size, tie=ties.config_value(plan), dequantized=dequantized
+    )
     if plan.retied:
         config_changes["dropped"] = list(plan.retied)
     return config_changes
 
 
-def write_merge(prepared: Prepared, out: Path, options: WriteOptions, progress: Progress | None = None) -> WriteSummary:
-    """The merge: every edit applied in order, streamed to `out`, with the inputs recorded in its provenance."""
+def write_merge(
+    prepared: Prepared,
+    out: Path,
+    options: WriteOptions,
+    progress: Progress | None = None,
+    transform: Transform = apply_edits,
+) -> WriteSummary:
+    """The merge: every edit applied in order, streamed to `out`, with the inputs recorded in its provenance.
+    `transform` is the requantizing one for `merge --requantize` (lora_cli/quant/requantize.py)."""
     return write_plan(
         prepared.plan,
         out,
-        apply_edits,
+        transform,
         options,
         operation="merge",
         record=prepared.record(),

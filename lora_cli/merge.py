@@ -10,8 +10,11 @@ from pathlib import Path
 from lora_cli.combine import CombineOptions
 from lora_cli.combined_merge import combine_transform
 from lora_cli.engine import Progress, WriteOptions, WriteSummary, apply_edits, write_merge, write_plan
+from lora_cli.errors import InputError
 from lora_cli.peft_weighted import PeftCombine, write_peft_weighted_adapter
 from lora_cli.plan import MergePlan
+from lora_cli.quant.lineage import quantization_warnings
+from lora_cli.quant.requantize import requantize_plan
 from lora_cli.resolve import ResolvedSource
 from lora_cli.sources import AdapterSpec, local_source, prepare, source_record
 
@@ -25,21 +28,32 @@ def merge(
     on_plan: Callable[[MergePlan], None] | None = None,
     combine: CombineOptions | None = None,
     peft: PeftCombine | None = None,
+    requantize: bool = False,
 ) -> WriteSummary:
     """Merge `adapters` into `base` in order (one pass), writing a standalone checkpoint to `out`.
 
     `combine` (other than plain `sum`) combines the adapters' deltas per tensor instead (TIES, DARE, ...): the
-    adapters are loaded at weight 1 and their weights go to the combination."""
+    adapters are loaded at weight 1 and their weights go to the combination. A quantized base is written
+    dequantized, or in its own format with `requantize` (lora_cli/quant/)."""
     options = options or WriteOptions()
+    combining = combine is not None and (combine.method != "sum" or combine.normalized)
+    if requantize and (combining or peft is not None):
+        raise InputError(
+            "--requantize does not combine with --combine or --peft-compatible",
+            fix="merge with the combination first, without --requantize",
+        )
     if peft is not None:
         return _merge_as_peft(base, adapters, Path(out), options, progress, on_plan, peft)
-    combining = combine is not None and (combine.method != "sum" or combine.normalized)
     specs = [replace(spec, weight=1.0) for spec in adapters] if combining else adapters
     prepared = prepare(base, specs, dtype=options.dtype)
+    prepared.plan.warnings.extend(quantization_warnings(prepared.index.quantization, prepared.adapters))
+    transform = apply_edits
+    if requantize:
+        prepared.plan, transform = requantize_plan(prepared.plan)
     if on_plan is not None:
         on_plan(prepared.plan)
     if not combining:
-        return write_merge(prepared, out, options, progress)
+        return write_merge(prepared, out, options, progress, transform)
     assert combine is not None
     weights = [spec.weight for spec in adapters]
     record = prepared.record()

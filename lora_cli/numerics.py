@@ -50,6 +50,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """NaN and Inf show up in the min or the max (both propagate NaN); one pass, much cheaper than isfinite()."""
     if tensor.numel() == 0 or not tensor.is_floating_point():
         return True
+    if tensor.element_size() == 1:  # FP8 has no aminmax kernel; fp16 holds every FP8 value exactly
+        return bool(torch.isfinite(tensor.to(torch.float16)).all())
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) & torch.isfinite(high))
 

@@ -36,7 +36,7 @@ class PlannedTensor:
 
     @property
     def is_copy(self) -> bool:
-        return not self.edits and self.output.dtype == self.source.dtype
+        return not self.edits and self.output.dtype == self.source.dtype and self.source.stored
 
 
 @dataclass
@@ -49,6 +49,8 @@ class MergePlan:
     retied: list[str] = field(default_factory=list)
     vocab_size: int | None = None
     warnings: list[str] = field(default_factory=list)
+    # A quantized base written in its own format (--requantize, lora_cli/quant/requantize.py), not dequantized.
+    keeps_quantization: bool = False
 
     @property
     def edited(self) -> list[PlannedTensor]:
@@ -78,7 +80,10 @@ def resolve_target(name: str, names: set[str]) -> str | None:
 
 
 def output_dtype(info: TensorInfo, requested: str) -> str:
-    """`auto` keeps each tensor's dtype; a named dtype converts floating tensors and leaves integer ones."""
+    """`auto` keeps each tensor's dtype; a named dtype converts floating tensors and leaves integer ones. A
+    dequantized weight's `auto` is the model's compute dtype (its dequantized dtype may be wider)."""
+    if requested == "auto" and not info.stored:
+        return info.output_dtype  # type: ignore[attr-defined]
     if requested == "auto" or not is_float(info.dtype):
         return info.dtype
     return TORCH_TO_SAFETENSORS[NAMED_DTYPES[requested]]

@@ -12,6 +12,7 @@ Examples::
     python scripts/bench_merge.py --size tiny --repeats 1           # quick end-to-end check
     python scripts/bench_merge.py --size 1b --markdown               # README numbers
     python scripts/bench_merge.py --size 7b --device both --workdir /data/bench --keep --json 7b.json
+    python scripts/bench_merge.py --size 1b --base-format nf4 --markdown  # a QLoRA base, written dequantized
     python scripts/bench_merge.py --size tiny --hub --skip-peft --device cpu   # base served by a local fake Hub
 
 ``--hub`` serves the synthetic base from the fake Hub of ``tests/hub_server.py`` (127.0.0.1, in this process,
@@ -287,8 +288,12 @@ def loractl_command(override: str | None) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "lora_cli"], {"PYTHONPATH": pythonpath}
 
 
-def build_methods(base: Path, adapter: Path, devices: Sequence[str], args: argparse.Namespace) -> list[Method]:
-    methods = [Method("copy", lambda out: ["bash", "-c", 'cp -r -- "$0" "$1" && sync', str(base), str(out)])]
+def build_methods(
+    base: Path, adapter: Path, devices: Sequence[str], args: argparse.Namespace, floor: Path | None = None
+) -> list[Method]:
+    """The copy floor copies `floor` (the bf16 base, the output's size, when the base merged is quantized)."""
+    floor = floor or base
+    methods = [Method("copy", lambda out: ["bash", "-c", 'cp -r -- "$0" "$1" && sync', str(floor), str(out)])]
     if not args.skip_loractl:
         cmd, env = loractl_command(args.loractl)
         for dev in devices:
@@ -713,6 +718,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check", action="store_true", help="compare loractl-cpu's output with peft-cpu's (last repeat)")
     p.add_argument("--shard-mb", type=int, default=1024, help="base checkpoint shard size in MiB (default 1024)")
     p.add_argument("--rank", type=int, default=64)
+    p.add_argument(
+        "--base-format",
+        choices=("bf16", "nf4", "fp8"),
+        default="bf16",
+        help="merge into the base quantized this way (bitsandbytes NF4, FP8 128x128 blocks); the copy floor then "
+        "copies the bf16 base, the output's size, and the PEFT baseline is skipped",
+    )
     p.add_argument("--timeout", type=float, default=None, help="seconds before a single run is killed")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--json", type=Path, metavar="PATH", help="also write all results as JSON to PATH")
@@ -757,6 +769,14 @@ def build_inputs(workdir: Path, size: str, shape: synthetic.LlamaShape, args: ar
     )
     log(f"inputs ready in {time.perf_counter() - t:.1f} s: {base}, {adapter}")
     return base, adapter
+
+
+def quantized_base(workdir: Path, base: Path, args: argparse.Namespace) -> Path:
+    """--base-format nf4|fp8: the synthetic base quantized (loractl then writes it dequantized, bf16)."""
+    t = time.perf_counter()
+    quantized = synthetic.write_quantized_copy(base, workdir / f"{base.name}-{args.base_format}", args.base_format, log)
+    log(f"{args.base_format} base ready in {time.perf_counter() - t:.1f} s: {quantized}")
+    return quantized
 
 
 def check_peft_diagnostics(result: RunResult, shape: synthetic.LlamaShape) -> None:
@@ -851,16 +871,21 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     workdir = workdir.resolve()
     log(f"workdir {workdir} ({fs_type(workdir) or 'unknown fs'})")
-    base = adapter = hub = None
+    base = adapter = hub = floor = None
     try:
         check_space(workdir, shape, args.rank, outputs=2 if args.check else 1)
         base, adapter = build_inputs(workdir, args.size, shape, args)
-        methods = build_methods(base, adapter, devices, args)
+        if args.base_format != "bf16":
+            if not (args.skip_peft and not args.check):
+                log(f"--base-format {args.base_format}: no PEFT baseline or --check (PEFT merges into bnb on GPU)")
+            args.skip_peft, args.check = True, False
+            floor, base = base, quantized_base(workdir, base, args)
+        methods = build_methods(base, adapter, devices, args, floor)
         if args.hub:
             hub = start_fake_hub(base)
             methods += hub_methods(hub.url, adapter, workdir, args)
         results, check = run_all(methods, base, adapter, workdir, shape, args)
-        ckpt_bytes = synthetic.checkpoint_bytes(base)
+        ckpt_bytes = synthetic.checkpoint_bytes(floor or base)
         summaries = summarize(results, ckpt_bytes)
         targets = evaluate_targets(summaries, args.size)
         info = {
@@ -872,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
                 "bytes": ckpt_bytes,
                 "shards": len(list(base.glob("*.safetensors"))),
                 "rank": args.rank,
+                "base_format": args.base_format,
+                "quantized_bytes": synthetic.checkpoint_bytes(base) if floor else None,
                 "adapter_bytes": synthetic.checkpoint_bytes(adapter),
             },
             "repeats": args.repeats,
@@ -895,6 +922,8 @@ def main(argv: list[str] | None = None) -> int:
         for folder in ("hf-home", "push-tmp"):
             shutil.rmtree(workdir / folder, ignore_errors=True)
         cleanup(workdir, created, base, adapter, args.keep)
+        if floor is not None:
+            cleanup(workdir, created, floor, None, args.keep)
     if any(r.returncode != 0 for r in results):
         return 2
     failed = any(not t["pass"] for t in targets) or (check is not None and not check["pass"])

@@ -312,6 +312,64 @@ def write_llama_checkpoint(
     return out_dir
 
 
+QUANT_CONFIGS: dict[str, dict[str, object]] = {
+    "fp8": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+    "nf4": {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "_load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": "bfloat16",
+        "bnb_4bit_quant_storage": "uint8",
+    },
+}
+
+
+def write_quantized_copy(
+    base: str | Path, out_dir: str | Path, fmt: str, progress: Callable[[str], None] | None = None
+) -> Path:
+    """The bf16 checkpoint at ``base`` with every linear weight of the decoder layers quantized, as the Hub
+    ships such models: FP8 with 128x128 fp32 block scales (DeepSeek-V3 layout), or bitsandbytes NF4 with
+    double quantization (transformers' layout). One tensor at a time per shard; reuses an earlier write."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lora_cli.quant import bnb, fp8
+
+    base, out_dir = Path(base), Path(out_dir)
+    stamp = {"kind": f"quantized-{fmt}", "version": STAMP_VERSION, "base": json.loads(_stamp_path(base).read_text())}
+    if _prepare(out_dir, stamp):
+        return out_dir
+    index = json.loads((base / INDEX_FILE).read_text())
+    weight_map: dict[str, str] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        if progress:
+            progress(f"quantizing {base / shard} to {fmt}")
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(base / shard, "pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                value = handle.get_tensor(name)
+                if ".layers." in name and name.endswith("proj.weight"):
+                    if fmt == "fp8":
+                        quantized, inverse = fp8.quantize_blocks(value, (128, 128))
+                        parts = {name: quantized, name.removesuffix("weight") + "weight_scale_inv": inverse}
+                    else:
+                        parts = {name + k: v for k, v in bnb.quantize_nf4(value, double_quant=True).items()}
+                else:
+                    parts = {name: value}
+                tensors.update(parts)
+                weight_map.update(dict.fromkeys(parts, shard))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / shard, metadata={"format": "pt"})
+    (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2) + "\n")
+    config = json.loads((base / CONFIG).read_text())
+    config["quantization_config"] = QUANT_CONFIGS[fmt]
+    (out_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copyfile(base / "generation_config.json", out_dir / "generation_config.json")
+    _write_stamp(out_dir, stamp)
+    return out_dir
+
+
 # ----------------------------------------------------------------------------------------------------
 # LoRA adapter
 # ----------------------------------------------------------------------------------------------------

@@ -60,6 +60,10 @@ Examples:
   loractl merge ./base ./a@1 ./b@1 ./merged --combine ties --density 0.5          (TIES, as mergekit)
 
   loractl merge ./base ./a@0.5 ./b@0.5 ./merged --combine dare_linear --density 0.3 --seed 7
+
+  loractl merge ./llama-bnb-4bit ./qlora ./merged           (quantized base: written dequantized, bf16)
+
+  loractl merge ./Qwen3-8B-FP8 ./lora ./merged --requantize (the base's own format, new scales)
 """
 
 
@@ -113,6 +117,14 @@ def merge_command(
         int | None, typer.Option("--svd-rank", help="With --peft-compatible: PEFT's svd_rank (default the largest).")
     ] = None,
     allow_empty: AllowEmptyOpt = False,
+    requantize: Annotated[
+        bool,
+        typer.Option(
+            "--requantize",
+            help="Write a quantized base in its own format (FP8, bitsandbytes 4-bit): edited weights quantized "
+            "again with new scales, the others copied as stored. Default: a plain checkpoint, dequantized.",
+        ),
+    ] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -183,6 +195,7 @@ def merge_command(
                 on_plan=lambda p: bar.set_total(p.output_bytes),
                 combine=combining,
                 peft=peft,
+                requantize=requantize,
             )
     summary.warnings[:0] = lineage
     if publisher is not None and out_option is None:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lora_cli.errors import InputError, SwappedArgumentsError
 from lora_cli.filenames import ADAPTER_FILES, CONFIG, INDEX_FILE, SINGLE_FILE
 from lora_cli.io.jsonio import load_json
 from lora_cli.io.remote import remote_shard, remote_shards_in
 from lora_cli.io.safetensors_file import SafetensorsFile, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    from lora_cli.quant.view import Quantization
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -22,6 +26,8 @@ class CheckpointIndex:
     shards: list[SafetensorsFile]
     tensors: dict[str, TensorInfo]
     index_metadata: dict[str, object]
+    # Set when quantized weights were replaced by their logical (dequantized) tensors: lora_cli/quant/view.py.
+    quantization: Quantization | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -62,7 +68,15 @@ def read_json(path: Path, *, unique_keys: bool = False) -> dict:
 
 
 def open_checkpoint(directory: Path) -> CheckpointIndex:
-    """Index a checkpoint folder, checking that the index and the shards agree."""
+    """Index a checkpoint folder, checking that the index and the shards agree. A quantized checkpoint is seen
+    as its logical tensors: each quantized weight one tensor, dequantized when read (lora_cli/quant/view.py)."""
+    from lora_cli.quant.view import logical_index  # the quant package builds on this module
+
+    return logical_index(open_stored(directory))
+
+
+def open_stored(directory: Path) -> CheckpointIndex:
+    """Index a checkpoint folder's tensors as stored (quantized parts included)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError("is not a folder", path=directory, fix="pass a checkpoint folder or a Hub repo id")

@@ -12,9 +12,10 @@ if TYPE_CHECKING:
 # checkpoint, the start of every command) must not pay torch's import (2 s on a small machine).
 ITEMSIZES: dict[str, int] = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
 }  # fmt: skip
-FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# F8_E8M0: power-of-two scales (ue8m0 FP8, MX formats), read by lora_cli/quant.
+FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"})
 
 
 def _torch_tables() -> dict[str, Any]:
@@ -33,6 +34,7 @@ def _torch_tables() -> dict[str, Any]:
         "BOOL": torch.bool,
         "F8_E4M3": torch.float8_e4m3fn,
         "F8_E5M2": torch.float8_e5m2,
+        "F8_E8M0": torch.float8_e8m0fnu,
     }
     return {
         "SAFETENSORS_TO_TORCH": to_torch,

@@ -59,6 +59,11 @@ class TensorInfo:
 
         return SAFETENSORS_TO_TORCH[self.dtype]
 
+    @property
+    def stored(self) -> bool:
+        """The bytes at `offset` are this tensor (a quantized weight's logical tensor is computed instead)."""
+        return True
+
 
 @dataclass(frozen=True)
 class SafetensorsFile:
@@ -224,10 +229,13 @@ def read_tensor(info: TensorInfo, into: torch.Tensor | None = None) -> torch.Ten
     """Read one tensor's bytes with a positioned read (no mmap, so no page-cache growth in our RSS).
 
     `into`, a uint8 CPU tensor of at least `info.nbytes` bytes, receives the bytes instead of a new buffer; the
-    tensor returned is then a view of it.
+    tensor returned is then a view of it. A quantized weight's logical tensor (not `stored`) is dequantized from
+    its parts instead, into a new tensor (lora_cli/quant/base.py).
     """
     import torch
 
+    if not info.stored:
+        return info.dequantize()  # type: ignore[attr-defined]
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=info.torch_dtype)
     if into is None:
