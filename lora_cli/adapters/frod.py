@@ -85,7 +85,7 @@ class FrodEdit(FromBaseEdit):
         indices = ctx.load(self.indices_key).to(torch.long)
         size = tuple(int(dim) for dim in ctx.load(self.size_key).tolist())
         values = ctx.load(self.values).to(dtype)
-        s = torch.sparse_coo_tensor(indices, values, size).coalesce().to_dense()
+        s = torch.sparse_coo_tensor(indices, values, size, check_invariants=True).coalesce().to_dense()
         lam = torch.diag_embed(ctx.load(self.lambda_l).to(dtype))
         frod_weight = u @ (s + lam) @ v_stored.T
         delta = (frod_weight - base).to(weight.dtype)

@@ -12,6 +12,7 @@ import torch
 from lora_cli.adapters.additive import AdditiveEdit
 from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
 from lora_cli.adapters.params import require
+from lora_cli.errors import InputError
 
 
 class ShiraEdit(AdditiveEdit):
@@ -31,10 +32,14 @@ class ShiraEdit(AdditiveEdit):
 
     def peft_delta(self, shape: Shape, ctx: EditContext) -> torch.Tensor:
         indices = ctx.load(self.index_key).long()
-        if bool((indices[0] >= shape[0]).any() or (indices[1] >= shape[1]).any()):
-            raise ValueError(f"{self.target}: SHiRA index past the base shape {tuple(shape)}")
+        if bool((indices < 0).any() or (indices[0] >= shape[0]).any() or (indices[1] >= shape[1]).any()):
+            raise InputError(
+                f"{self.target}: a SHiRA index lies outside the base shape {tuple(shape)}",
+                path=self.adapter.weights.path,
+                fix="the adapter belongs to another base, or its file is corrupt",
+            )
         values = ctx.load(self.weight_key) * 1.0
-        return torch.sparse_coo_tensor(indices, values, tuple(shape)).to_dense()
+        return torch.sparse_coo_tensor(indices, values, tuple(shape), check_invariants=True).to_dense()
 
 
 class Shira(AdapterKind):
