@@ -4,17 +4,14 @@ Only the stdlib is imported before the handler is in place, so an interruption a
 130 with one line (lora_cli/cli/_signals.py).
 """
 
-from lora_cli.cli._signals import install_start_up, shutting_down
+from lora_cli.cli._signals import install_start_up
 
 
 def main() -> None:
-    install_start_up()
-    from lora_cli.cli.app import app
+    install_start_up()  # before anything but the standard library is imported
+    from lora_cli.cli.app import main as run
 
-    try:
-        app(prog_name="loractl")
-    finally:
-        shutting_down()
+    run()
 
 
 if __name__ == "__main__":

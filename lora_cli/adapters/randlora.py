@@ -64,21 +64,7 @@ def draw_bases(adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> d
     largest (out, in) of the adapted layers, from a CPU generator seeded with `projection_prng_key`; dense bases are
     kaiming-uniform in bf16 (PEFT's dtype wherever bf16 is available: every CPU), sparse ones -1/0/1 from torch.rand;
     both divided by their standard deviation."""
-    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
-    shapes = []
-    for path in adapter.modules:
-        if path == SHARED_MODULE:
-            continue
-        shape = base_shape(f"{path}.weight")
-        if shape is None or len(shape) != 2:
-            raise UnsupportedAdapterError(
-                "this RandLoRA adapter was saved without its random bases (save_projection=False); PEFT draws them "
-                f"again sized by the adapted layers, and {path}.weight is not a 2-D tensor of the base",
-                path=adapter.weights.path,
-                fix="pass the base it was trained on (--base for inspect), or re-save it with save_projection=True",
-            )
-        shapes.append((shape[1], shape[0]) if fan_in_fan_out else tuple(shape))
-    out, into = largest_shape(shapes)
+    out, into = largest_shape(adapter, base_shape, "random bases")
     max_dim, min_dim = max(out, into), min(out, into)
     rank = int(config_number(adapter, "r", 32))
     generator = torch.Generator(device="cpu").manual_seed(int(config_number(adapter, "projection_prng_key", 0)))

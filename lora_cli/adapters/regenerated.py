@@ -7,9 +7,12 @@ and files them under the shared module, where the saved ones would be.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lora_cli.adapters.base import SHARED_MODULE, Adapter, AdapterModule, AdapterWeights, EditContext, Shape
+from lora_cli.errors import UnsupportedAdapterError
 
 PREFIX = "regenerated:"
 
@@ -53,11 +56,24 @@ def with_tensors(adapter: Adapter, tensors: dict[str, torch.Tensor]) -> dict[str
     return params
 
 
-def largest_shape(shapes: list[tuple[int, int]]) -> tuple[int, int]:
-    """PEFT's `_find_dim`: the largest (out, in) over the adapted layers, each side on its own."""
-    out = max(shape[0] for shape in shapes)
-    into = max(shape[1] for shape in shapes)
-    return out, into
+def largest_shape(adapter: Adapter, base_shape: Callable[[str], Shape | None], drawn: str) -> tuple[int, int]:
+    """PEFT's `_find_dim`: the largest (out, in) over the adapted layers, each side on its own, which sizes the
+    random `drawn` tensors (VeRA's projections, RandLoRA's bases) when they were not saved."""
+    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
+    shapes = []
+    for path in adapter.modules:
+        if path == SHARED_MODULE:
+            continue
+        shape = base_shape(f"{path}.weight")
+        if shape is None or len(shape) != 2:
+            raise UnsupportedAdapterError(
+                f"this {adapter.peft_type} adapter was saved without its {drawn} (save_projection=False); PEFT draws "
+                f"them again sized by the adapted layers, and {path}.weight is not a 2-D tensor of the base",
+                path=adapter.weights.path,
+                fix="pass the base it was trained on (--base for inspect), or re-save it with save_projection=True",
+            )
+        shapes.append((shape[1], shape[0]) if fan_in_fan_out else tuple(shape))
+    return max(shape[0] for shape in shapes), max(shape[1] for shape in shapes)
 
 
 def load(ctx: EditContext, key: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from lora_cli.adapters import regenerated
 from lora_cli.adapters.additive import AdditiveEdit
-from lora_cli.adapters.base import SHARED_MODULE, Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
+from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
 from lora_cli.adapters.params import config_number, missing_params
 from lora_cli.adapters.regenerated import largest_shape, with_tensors
 from lora_cli.errors import UnsupportedAdapterError
@@ -87,21 +87,7 @@ def kaiming(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
 def draw_projections(adapter: Adapter, base_shape: Callable[[str], Shape | None]) -> dict[str, torch.Tensor]:
     """vera_A and vera_B as PEFT draws them when they were not saved (`_init_vera_A_vera_B`): sized by the largest
     (out, in) of the adapted layers, from a CPU generator seeded with `projection_prng_key`."""
-    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
-    shapes = []
-    for path in adapter.modules:
-        if path == SHARED_MODULE:
-            continue
-        shape = base_shape(f"{path}.weight")
-        if shape is None or len(shape) != 2:
-            raise UnsupportedAdapterError(
-                "this VeRA adapter was saved without its projections (save_projection=False); PEFT draws them "
-                f"again sized by the adapted layers, and {path}.weight is not a 2-D tensor of the base",
-                path=adapter.weights.path,
-                fix="pass the base it was trained on (--base for inspect), or re-save it with save_projection=True",
-            )
-        shapes.append((shape[1], shape[0]) if fan_in_fan_out else tuple(shape))
-    out, into = largest_shape(shapes)
+    out, into = largest_shape(adapter, base_shape, "projections")
     rank = int(config_number(adapter, "r", 256))
     generator = torch.Generator(device="cpu").manual_seed(int(config_number(adapter, "projection_prng_key", 0)))
     vera_a = kaiming((rank, into), generator)
