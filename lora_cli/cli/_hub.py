@@ -62,6 +62,13 @@ def command_line() -> str:
     return shlex.join(["loractl", *sys.argv[1:]])
 
 
+def local_out(positionals: list[str], out: Path | None, push: PushArgs) -> str | None:
+    """The folder the command will leave on disk (for the interruption message), before `outputs` splits it off."""
+    if out is not None:
+        return str(out)
+    return positionals[-1] if push.repo is None and positionals else None
+
+
 @contextmanager
 def outputs(
     command: str, positionals: list[str], out: Path | None, push: PushArgs, *, overwrite: bool

@@ -20,6 +20,7 @@ from lora_cli.cli._hub import (
     PushArgs,
     PushOpt,
     command_line,
+    local_out,
     outputs,
 )
 from lora_cli.cli._options import (
@@ -147,9 +148,8 @@ def merge_command(
 
     output = Output(json_mode=json_output, quiet=quiet)
     push = PushArgs(push_to_hub, private, branch, commit_message, create_pr, keep_local)
-    local_out = out_option or (adapters_and_out[-1] if push_to_hub is None and adapters_and_out else None)
     with (
-        user_errors(debug, json_output=json_output, out=None if local_out is None else str(local_out)),
+        user_errors(debug, json_output=json_output, out=local_out(adapters_and_out, out_option, push)),
         outputs("merge", adapters_and_out, out_option, push, overwrite=overwrite) as found,
     ):
         adapter_args, out, publisher = found
