@@ -32,6 +32,7 @@ from lora_cli.io.writer import ShardPlan, ShardWriter, plan_shards, write_index
 from lora_cli.memstats import MemoryMonitor
 from lora_cli.numerics import all_finite
 from lora_cli.plan import MergePlan, PlannedTensor, working_dtype
+from lora_cli.quant.base import QuantizedTensor
 from lora_cli.sources import Prepared
 from lora_cli.stream import Pipeline
 from lora_cli.verify import TensorDigests, VerifyReport, verify_shard, verify_written
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 # already written, or a working-precision tensor the engine rounds into it.
 Transform = Callable[[PlannedTensor, torch.Tensor, torch.device, Workspace, torch.Tensor], torch.Tensor]
 Progress = Callable[[int], None]
+# What the read stage hands the compute stage: a tensor's bytes, a quantized weight's parts, or nothing (a copy).
+Loaded = torch.Tensor | dict[str, torch.Tensor] | None
 
 
 @dataclass
@@ -296,17 +299,23 @@ class _ComputeStep:
         self.inputs = BufferRing(INPUT_BUFFERS, max(stored, default=0), pinned)
         self.outputs = BufferRing(OUTPUT_BUFFERS, max((p.output.nbytes for p in computed), default=0), pinned)
 
-    def load(self, job: _CopyJob | _ComputeJob) -> torch.Tensor | None:
+    def load(self, job: _CopyJob | _ComputeJob) -> Loaded:
         self.prefetch.advance(self.position[id(job)])
         if isinstance(job, _CopyJob):
             return None
         source = job.planned.source
+        if isinstance(source, QuantizedTensor):
+            # Only the stored parts are read ahead; the weight is dequantized when computed, so one dequantized
+            # weight (4 bytes an element for FP8) is alive at a time, not one per stage of the pipeline.
+            return source.read_parts()
         return read_tensor(source, into=self.inputs.next(source.nbytes) if source.stored else None)
 
-    def compute(self, job: _CopyJob | _ComputeJob, raw: torch.Tensor | None) -> torch.Tensor | None:
+    def compute(self, job: _CopyJob | _ComputeJob, loaded: Loaded) -> torch.Tensor | None:
         if isinstance(job, _CopyJob):
             return None
         planned = job.planned
+        source = planned.source
+        raw = source.decode_parts(loaded) if isinstance(source, QuantizedTensor) else loaded
         dtype = SAFETENSORS_TO_TORCH[planned.output.dtype]
         staged = self.outputs.take(planned.output.shape, dtype)
         if not planned.edits:

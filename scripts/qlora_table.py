@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.builders import tiny_llama
-from tests.builders_quant import load_bnb, save_bnb
+from tests.builders_quant import BNB_WIDTHS, load_bnb, save_bnb
 
 
 def train_qlora(root: Path, steps: int, seed: int = 0) -> Path:
@@ -28,8 +28,8 @@ def train_qlora(root: Path, steps: int, seed: int = 0) -> Path:
     error as well as anything else): the adapter the table is about."""
     from peft import LoraConfig, get_peft_model
 
-    teacher = tiny_llama(torch.float32, seed=seed)
-    tiny_llama(torch.bfloat16, seed=seed).save_pretrained(root / "bf16")
+    teacher = tiny_llama(torch.float32, seed=seed, **BNB_WIDTHS)
+    tiny_llama(torch.bfloat16, seed=seed, **BNB_WIDTHS).save_pretrained(root / "bf16")
     save_bnb(root / "bf16", root / "nf4", "nf4-dq")
     student = load_bnb(root / "nf4")
     config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)

@@ -177,6 +177,12 @@ def with_weights(path: Path, dtype: torch.dtype):
     return build
 
 
+# Layer widths that are multiples of bitsandbytes' 64-element block, as in every real model: bitsandbytes 0.50's
+# CPU kernel dequantizes rows narrower than a block (or not a multiple of it) with the wrong block's absmax (a
+# relative error of 0.97 on a 32-wide layer, where its own portable kernel gives 0.09; see test_quant_formats.py).
+BNB_WIDTHS = {"hidden_size": 64, "intermediate_size": 128}
+
+
 def build_quant_bases(root: Path) -> dict[str, Path]:
     """A bf16 tiny Llama, a LoRA on it, its NF4 (double-quantized, saved by bitsandbytes) and FP8 (block-scaled,
     written here) versions, and each one's reference dequantized base."""
@@ -184,7 +190,7 @@ def build_quant_bases(root: Path) -> dict[str, Path]:
 
     from tests.builders import make_adapter, tiny_llama
 
-    factory = functools.partial(tiny_llama, torch.bfloat16)
+    factory = functools.partial(tiny_llama, torch.bfloat16, **BNB_WIDTHS)
     factory().save_pretrained(root / "bf16")
     make_adapter(factory, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False), root / "lora", scale=0.1)
     save_bnb(root / "bf16", root / "nf4", "nf4-dq")

@@ -213,9 +213,10 @@ def test_mxfp4_matches_transformers(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def bf16_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.builders import tiny_llama
+    from tests.builders_quant import BNB_WIDTHS
 
     path = tmp_path_factory.mktemp("bnb") / "base"
-    tiny_llama(torch.bfloat16).save_pretrained(path)
+    tiny_llama(torch.bfloat16, **BNB_WIDTHS).save_pretrained(path)
     return path
 
 
@@ -245,6 +246,70 @@ def test_bitsandbytes_missing_absmax_names_it(tmp_path: Path, bf16_base: Path) -
     save_file(state, path / "model.safetensors")
     with pytest.raises(InputError, match=r"model\.layers\.1\.mlp\.up_proj\.weight has no .*\.absmax"):
         lifted(path)
+
+
+def _bnb_4bit_parts(weight: torch.Tensor, blocksize: int, quant_type: str, nested: bool) -> tuple:
+    import bitsandbytes.functional as F
+
+    packed, state = F.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    stored = state.as_dict(packed=True)
+    parts = {"weight": packed, "state": stored[f"quant_state.bitsandbytes__{quant_type}"]}
+    parts.update({k: stored[k] for k in ("absmax", "quant_map", "nested_absmax", "nested_quant_map") if k in stored})
+    return packed, state, parts
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize(
+    ("shape", "blocksize", "dtype"),
+    [
+        ((64, 128), 64, torch.bfloat16),
+        ((48, 256), 128, torch.float16),
+        ((32, 32), 64, torch.bfloat16),  # rows narrower than a block
+        ((33, 77), 64, torch.float32),  # odd: the last block partial, the last byte half used
+        ((2, 3, 96), 4096, torch.bfloat16),  # stacked, one partial block
+    ],
+)
+def test_bnb_4bit_formula_is_the_library_kernel(
+    shape: tuple, blocksize: int, dtype: torch.dtype, quant_type: str, nested: bool
+) -> None:
+    """Our dequantization equals bitsandbytes' portable kernel bit for bit (small steps too, so that the step
+    loop is crossed), and its CPU kernel in value where that kernel is right (rows a multiple of the block)."""
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    from lora_cli.quant import bnb
+
+    torch.manual_seed(3)
+    weight = (torch.randn(shape) * torch.linspace(0.01, 1, shape[-1])).to(dtype)
+    packed, state, parts = _bnb_4bit_parts(weight, blocksize, quant_type, nested)
+    absmax = state.absmax
+    if nested:
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    portable = _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), state.code, blocksize, shape, dtype)
+    ours = bnb._decode_4bit(parts)
+    assert ours.dtype == dtype and ours.shape == shape
+    assert torch.equal(ours.view(-1).view(torch.uint8), portable.reshape(-1).view(torch.uint8))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bnb, "STEP", 2 * blocksize)
+        assert torch.equal(bnb._decode_4bit(parts).view(-1).view(torch.uint8), ours.view(-1).view(torch.uint8))
+    if shape[-1] % blocksize == 0:
+        assert torch.equal(ours, F.dequantize_4bit(packed, state))
+    # Either way the values are the weight's, within 4-bit precision (FP4 over one 4096 block: 0.17).
+    assert (ours.float() - weight.float()).norm() < 0.2 * weight.float().norm()
+
+
+def test_bnb_int8_formula_is_the_library_kernel() -> None:
+    import bitsandbytes.functional as F
+
+    from lora_cli.quant import bnb
+
+    torch.manual_seed(4)
+    weight = torch.randn(33, 77, dtype=torch.float16)
+    quantized, scales, _ = F.int8_vectorwise_quant(weight)
+    expected = F.int8_vectorwise_dequant(quantized, scales)
+    ours = bnb._decode_8bit({"weight": quantized, "scb": scales})
+    assert torch.equal(ours.view(torch.int32), expected.view(torch.int32))
 
 
 @pytest.mark.parametrize("preset", ["FP8_DYNAMIC", "FP8_BLOCK", "W8A8", "W4A16", "W4A16_ASYM", "W8A16"])

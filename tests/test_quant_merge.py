@@ -113,14 +113,19 @@ def test_quantized_mismatch_is_warned_both_ways(bases: dict, tmp_path: Path) -> 
     assert any("names no quantized model, but the base given is quantized (bitsandbytes)" in w for w in warnings)
 
 
-def test_missing_quant_library_names_the_extra(bases: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bitsandbytes_is_needed_only_to_requantize(
+    bases: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
-    result = invoke("merge", bases["nf4"], bases["lora"], tmp_path / "out", "--device", "cpu")
+    result = invoke("merge", bases["nf4"], bases["lora"], tmp_path / "plain", "--device", "cpu")
+    assert result.exit_code == 0, result.output  # dequantized by bitsandbytes' formula, without the library
+    result = invoke("merge", bases["nf4"], bases["lora"], tmp_path / "out", "--device", "cpu", "--requantize")
     assert result.exit_code == 2, result.output
     assert "needs the bitsandbytes package" in result.output and "pip install loractl[quant]" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
 
 
 def test_qlora_merge_reproduces_the_peft_model_on_the_4bit_base(bases: dict, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from tests.builders import load_merged, make_adapter, peft_merged_state, tiny_llama
 from tests.builders_quant import (
+    BNB_WIDTHS,
     TARGETS,
     bnb_dequantized,
     load_bnb,
@@ -22,7 +23,7 @@ from tests.builders_quant import (
 )
 from tests.test_quant_merge import invoke
 
-FACTORY = functools.partial(tiny_llama, torch.bfloat16)
+FACTORY = functools.partial(tiny_llama, torch.bfloat16, **BNB_WIDTHS)
 
 
 @pytest.fixture(scope="module")

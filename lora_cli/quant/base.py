@@ -53,8 +53,16 @@ class QuantizedTensor(TensorInfo):
 
     def dequantize(self, read: Read = read_tensor) -> torch.Tensor:
         """The exact values the format's reference dequantization returns, in `self.torch_dtype`."""
+        return self.decode_parts(self.read_parts(read))
+
+    def read_parts(self, read: Read = read_tensor) -> dict[str, torch.Tensor]:
+        """The stored parts, keyed by role: the bytes `decode_parts` needs (the engine reads them ahead)."""
+        return {role: read(info) for role, info in self.parts.items()}
+
+    def decode_parts(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The logical tensor from parts read by `read_parts`, checked against the shape and dtype promised."""
         assert self.decode is not None
-        value = self.decode({role: read(info) for role, info in self.parts.items()})
+        value = self.decode(parts)
         if tuple(value.shape) != self.shape or value.dtype != self.torch_dtype:
             raise InputError(
                 f"{self.name} dequantized to {tuple(value.shape)} {value.dtype}, its parts promised "

@@ -1,13 +1,18 @@
 """bitsandbytes checkpoints saved by transformers: 4-bit NF4/FP4 (with or without double quantization) and
-LLM.int8() (`SCB`), dequantized by bitsandbytes itself, as PEFT's `dequantize_bnb_weight` does.
+LLM.int8() (`SCB`), dequantized by bitsandbytes' own formulas, as PEFT's `dequantize_bnb_weight` gets them.
 
-4-bit: `dequantize_4bit` returns the quant state's dtype (the dtype the weight had when quantized); int8:
-`int8_vectorwise_dequant` returns fp32. The delta is then added in fp32 and rounded once.
+4-bit: code[nibble] x its block's absmax in fp32, rounded to the quant state's dtype (the dtype the weight had
+when quantized), as bitsandbytes' `dequantize_4bit` computes it (its portable kernel `_dequantize_4bit_compute`,
+which its CPU and CUDA kernels match); int8: q x SCB / 127 in fp32 (`int8_vectorwise_dequant`). Both are written
+here in torch rather than imported: importing bitsandbytes costs 8-15 s and about 100 MiB (it imports
+torch._dynamo), more than a 1.1B merge. tests/test_quant_formats.py checks them bit for bit against bitsandbytes.
+Only `--requantize` (`quantize_nf4`) needs the library.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -23,7 +28,6 @@ FOUR_BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 def lift(tensors: dict[str, TensorInfo], context: LiftContext) -> list[QuantizedTensor]:
     qconfig = context.qconfig
-    require("bitsandbytes", NAME)  # before anything is written: its dequantization is the reference
     if qconfig.get("load_in_4bit") or qconfig.get("_load_in_4bit"):
         return _lift_4bit(tensors, context)
     if qconfig.get("load_in_8bit") or qconfig.get("_load_in_8bit"):
@@ -55,8 +59,21 @@ def _lift_4bit(tensors: dict[str, TensorInfo], context: LiftContext) -> list[Qua
         shape, dtype = state.get("shape"), getattr(torch, str(state.get("dtype")), None)
         if not isinstance(shape, list) or not isinstance(dtype, torch.dtype) or dtype not in TORCH_TO_SAFETENSORS:
             raise context.bad(states[0], f"quant state has no usable shape/dtype ({shape!r}, {state.get('dtype')!r})")
+        if not _usable_state(state, kind):
+            raise context.bad(states[0], "quant state lacks its quant_type, blocksize or nested_* entries")
         found.append(logical(name, TORCH_TO_SAFETENSORS[dtype], tuple(shape), parts, _decode_4bit, context, NAME))
     return found
+
+
+def _usable_state(state: dict, kind: str) -> bool:
+    blocks = [state.get("blocksize")]
+    if "nested_blocksize" in state:
+        blocks.append(state["nested_blocksize"])
+        if not isinstance(state.get("nested_offset"), (int, float)):
+            return False
+        if not isinstance(getattr(torch, str(state.get("nested_dtype")), None), torch.dtype):
+            return False
+    return state.get("quant_type") == kind and all(isinstance(b, int) and b > 0 for b in blocks)
 
 
 def _unpack_state(raw: torch.Tensor, name: str, context: LiftContext) -> dict:
@@ -69,17 +86,68 @@ def _unpack_state(raw: torch.Tensor, name: str, context: LiftContext) -> dict:
     return state
 
 
+# Elements dequantized per step: the lookup's fp32 values and indices stay a few MiB, not the weight's size.
+STEP = 1 << 22
+
+
 def _decode_4bit(read: dict[str, torch.Tensor]) -> torch.Tensor:
-    bnb = require("bitsandbytes", "bitsandbytes")
-    state_key = "quant_state.bitsandbytes__" + ("nf4" if _is_nf4(read["state"]) else "fp4")
-    parts = {state_key: read["state"]}
-    parts.update({role: read[role] for role in FOUR_BIT_PARTS if role in read})
-    quant_state = bnb.functional.QuantState.from_dict(parts, device=torch.device("cpu"))
-    return bnb.functional.dequantize_4bit(read["weight"], quant_state)
+    state = json.loads(read["state"].numpy().tobytes().decode("utf-8"))
+    absmax = read["absmax"]
+    if "nested_absmax" in read:
+        nested = blockwise(absmax, read["nested_quant_map"], read["nested_absmax"], state["nested_blocksize"])
+        absmax = nested.to(getattr(torch, state["nested_dtype"])).add_(torch.tensor(float(state["nested_offset"])))
+    dtype = getattr(torch, state["dtype"])
+    return dequantize_4bit(read["weight"], read["quant_map"], absmax.float(), state["blocksize"], state["shape"], dtype)
 
 
-def _is_nf4(state: torch.Tensor) -> bool:
-    return json.loads(state.numpy().tobytes().decode("utf-8")).get("quant_type") == "nf4"
+def blockwise(codes: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """bitsandbytes' `dequantize_blockwise` (the double quantization's absmax): code[byte] x its block's absmax."""
+    values = code.float()[codes.reshape(-1).long()]
+    return _scale_blocks(values, absmax.float(), blocksize, 0)
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    code: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """bitsandbytes' `dequantize_4bit` as its portable kernel `_dequantize_4bit_compute` computes it: two elements
+    a byte (high nibble first), code[nibble] x its block's absmax in fp32, then rounded to `dtype`; a step of whole
+    blocks at a time. Its CPU kernel gives the same values, with one known difference of sign: it decodes FP4's
+    nibble 8 as -0 where the stored code holds +0 (-0 and +0 add to a delta alike)."""
+    count = math.prod(shape)
+    data = packed.reshape(-1).view(torch.uint8)
+    code = code.float()
+    # Two bytes (four elements) a lookup: the int16 value v = b0 | b1 << 8 -> (code[b0 >> 4], code[b0 & 15],
+    # code[b1 >> 4], code[b1 & 15]), a 1 MiB table.
+    pairs = torch.arange(256)
+    pairs = torch.stack((code[pairs >> 4], code[pairs & 15]), dim=1)
+    quads = torch.arange(65536)
+    quads = torch.cat((pairs[quads & 255], pairs[quads >> 8]), dim=1)
+    out = torch.empty(count, dtype=dtype)
+    step = max(blocksize, STEP // blocksize * blocksize)
+    for start in range(0, count, step):
+        stop = min(count, start + step)
+        chunk = data[start // 2 : (stop + 1) // 2]
+        even = chunk.numel() // 2 * 2
+        values = quads.index_select(0, chunk[:even].view(torch.int16).int().bitwise_and_(0xFFFF)).reshape(-1)
+        if even < chunk.numel():
+            values = torch.cat((values, pairs[chunk[even:].int()].reshape(-1)))
+        out[start:stop] = _scale_blocks(values[: stop - start], absmax, blocksize, start // blocksize)
+    return out.reshape(shape)
+
+
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, first: int) -> torch.Tensor:
+    """values (a run of whole blocks from block `first`, the last one possibly partial) x each block's absmax."""
+    full = values.numel() // blocksize * blocksize
+    blocks = full // blocksize
+    values[:full].view(-1, blocksize).mul_(absmax[first : first + blocks, None])
+    if full < values.numel():
+        values[full:].mul_(absmax[first + blocks])
+    return values
 
 
 def _lift_8bit(tensors: dict[str, TensorInfo], context: LiftContext) -> list[QuantizedTensor]:
@@ -104,8 +172,8 @@ def _lift_8bit(tensors: dict[str, TensorInfo], context: LiftContext) -> list[Qua
 
 
 def _decode_8bit(read: dict[str, torch.Tensor]) -> torch.Tensor:
-    bnb = require("bitsandbytes", "bitsandbytes")
-    return bnb.functional.int8_vectorwise_dequant(read["weight"], read["scb"].to(torch.float32))
+    # int8_vectorwise_dequant's `A * stats.view(-1, 1) * 7.874015718698502e-3`, in place.
+    return read["weight"].to(torch.float32).mul_(read["scb"].to(torch.float32).view(-1, 1)).mul_(7.874015718698502e-3)
 
 
 def quantize_nf4(
