@@ -207,3 +207,29 @@ def test_adapter_trained_elsewhere_is_still_warned(bases: dict, tmp_path: Path) 
     assert result.exit_code == 0, result.output
     warnings = json.loads(result.stdout)["warnings"]
     assert any("names no quantized model, but the base given is quantized (mxfp4)" in w for w in warnings), warnings
+
+
+def test_diff_inspect_memory_and_unmerge_read_the_mxfp4_base(
+    bases: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lora_cli import memory
+    from lora_cli.numerics import max_ulps
+
+    # The reference process's import cost is measured in a subprocess; not what this test is about.
+    monkeypatch.setattr(memory, "reference_process_bytes", lambda: memory.REFERENCE_PROCESS_FALLBACK_BYTES)
+    plain = tmp_path / "plain"
+    dequantized(bases["mxfp4"])().save_pretrained(plain)
+    result = invoke("diff", bases["mxfp4"], plain, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["differ"] is False, result.output
+    for args in (("inspect", bases["experts"], "--base", bases["mxfp4"]), ("memory", bases["mxfp4"], bases["experts"])):
+        assert invoke(*args, "--json").exit_code == 0
+    merged = tmp_path / "merged"
+    assert invoke("merge", bases["mxfp4"], bases["experts"], merged, "--device", "cpu").exit_code == 0
+    result = invoke("diff", bases["mxfp4"], merged, "--adapter", bases["experts"], "--json")
+    assert result.exit_code == 0, result.output  # they differ exactly by the adapter's delta
+    assert json.loads(result.stdout)["adapter_check"]["verdict"] == "exact"
+    result = invoke("unmerge", merged, bases["experts"], tmp_path / "back", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    back, base, after = load_merged(tmp_path / "back"), load_merged(plain), load_merged(merged)
+    for name, original in base.items():  # (W + d) - d rounded to bf16: 1 ulp of W at max(|W|, |W + d|)
+        assert max_ulps(back[name], original, at=torch.maximum(original.abs(), after[name].abs())) <= 1.0, name
