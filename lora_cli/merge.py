@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from lora_cli.adapters.lineage import base_names
 from lora_cli.combine import CombineOptions
 from lora_cli.combined_merge import combine_transform
 from lora_cli.engine import Progress, WriteOptions, WriteSummary, apply_edits, write_merge, write_plan
@@ -46,7 +47,8 @@ def merge(
         return _merge_as_peft(base, adapters, Path(out), options, progress, on_plan, peft)
     specs = [replace(spec, weight=1.0) for spec in adapters] if combining else adapters
     prepared = prepare(base, specs, dtype=options.dtype)
-    prepared.plan.warnings.extend(quantization_warnings(prepared.index.quantization, prepared.adapters))
+    names = base_names(base.ref, base.path, prepared.index.config())
+    prepared.plan.warnings.extend(quantization_warnings(prepared.index.quantization, prepared.adapters, names))
     transform = apply_edits
     if requantize:
         prepared.plan, transform = requantize_plan(prepared.plan)

@@ -280,3 +280,50 @@ def write_format_base(template: Path, out: Path, fmt: str) -> dict[str, torch.Te
     }[fmt]
     write_checkpoint(out, [state], config)
     return reference
+
+
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # FP4's magnitudes; bit 3 of a code is the sign
+# The quantization_config of openai/gpt-oss-20b's config.json: experts in MXFP4, everything else bf16.
+GPT_OSS_MXFP4 = {
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+    "quant_method": "mxfp4",
+}
+
+
+def pack_mxfp4(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An expert stack as gpt-oss runs it, [E, in, out], in the layout its checkpoints store: `_blocks` uint8
+    [E, out, in/32, 16], two E2M1 codes a byte (low nibble first), `_scales` uint8 [E, out, in/32] E8M0.
+
+    The OCP MX rule as triton_kernels' `downcast_to_mxfp_torch` applies it (what transformers' `Mxfp4Quantize`
+    calls; it needs triton and the `kernels` package): per 32 values along `in`, the scale is amax / 6 rounded up
+    to a power of two, then each value / scale goes to the nearest E2M1 value (ties to the smaller magnitude)."""
+    rows = stack.float().transpose(1, 2)
+    experts, out, width = rows.shape
+    groups = rows.reshape(experts, out, width // 32, 32)
+    amax = groups.abs().amax(-1, keepdim=True)
+    bits = ((amax / 6).view(torch.int32) + 0x7FFFFF) & 0x7F800000  # the exponent, rounded up
+    scale = bits.view(torch.float32)
+    q = torch.where(scale > 0, groups / scale, 0.0)  # an all-zero group: scale 2^-127, codes 0
+    magnitude = (q.abs().unsqueeze(-1) - E2M1).abs().argmin(-1)
+    codes = (magnitude | ((q < 0).to(torch.int64) << 3)).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), (bits >> 23).squeeze(-1).to(torch.uint8).contiguous()
+
+
+def write_gpt_oss_mxfp4(template: Path, out: Path) -> Path:
+    """The bf16 gpt-oss checkpoint at `template` with its expert stacks stored in MXFP4 as gpt-oss ships them,
+    in two shards: the scales in the second, apart from their blocks."""
+    weights, scales = {}, {}
+    for name, value in load_file(template / "model.safetensors").items():
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            weights[name + "_blocks"], scales[name + "_scales"] = pack_mxfp4(value)
+        else:
+            weights[name] = value
+    config = json.loads((template / "config.json").read_text())
+    config["quantization_config"] = GPT_OSS_MXFP4
+    return write_checkpoint(out, [weights, scales], config)

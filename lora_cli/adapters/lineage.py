@@ -42,6 +42,11 @@ def base_names(ref: str, path: Path, config: dict | None) -> Named:
     return Named(ref, _aliases(ref, path, (config or {}).get("_name_or_path")))
 
 
+def names_base(name: str, base: Named) -> bool:
+    """Does `name` (an adapter's `base_model_name_or_path`) name this base?"""
+    return bool(_aliases(name) & base.names)
+
+
 def trained_on(adapter_config: dict) -> str | None:
     value = adapter_config.get("base_model_name_or_path")
     return value if isinstance(value, str) and value.strip() else None
@@ -56,7 +61,7 @@ def lineage_messages(base: Named, adapters: list[tuple[str, Path, dict]]) -> lis
     previous: Named | None = None
     for label, directory, config in adapters:
         named = trained_on(config)
-        if named is not None and not (_aliases(named) & base.names):
+        if named is not None and not names_base(named, base):
             if previous is None:
                 messages.append(f"adapter {label} was trained on {named!r}, but the base given is {base.label!r}")
             elif not (_aliases(named) & previous.names):
