@@ -24,12 +24,14 @@ from lora_cli.adapters.base import EditContext, TensorEdit, Workspace
 from lora_cli.checkpoint_files import read_provenance
 from lora_cli.device import pick_device
 from lora_cli.engine import Progress, WriteOptions, WriteSummary, working_copy, write_plan
-from lora_cli.errors import AdapterMismatchError, NotRevertibleError
+from lora_cli.errors import AdapterMismatchError, InputError, NotRevertibleError
 from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
 from lora_cli.io.dtypes import SAFETENSORS_TO_TORCH, dtype_name
 from lora_cli.io.safetensors_file import TensorInfo, read_tensor
 from lora_cli.numerics import CHUNK, coarser, ulps
 from lora_cli.plan import MergePlan, PlannedTensor, resolve_target
+from lora_cli.quant.base import QuantizedTensor
+from lora_cli.quant.requantize import requantize_plan
 from lora_cli.resolve import ResolvedSource
 from lora_cli.sources import AdapterSpec, prepare, source_record
 from lora_cli.ties import is_embedding, is_head, is_tied, pair_of
@@ -60,6 +62,15 @@ class UnmergeSummary(WriteSummary):
     checks: list[TensorCheck] = field(default_factory=list)
     check_max_ulps: float | None = None
     check_exact_share: float | None = None
+
+
+def requantized_error(formats: set[str]) -> str:
+    """What to expect of `--requantize`: the reverted weights are quantized again, so the format's rounding."""
+    return (
+        f"each reverted weight is quantized again ({'/'.join(sorted(formats))}, new scales): within the format's "
+        "rounding of merged - delta, on top of the rounding the requantized merge made; the base's stored bytes "
+        "come back only where the round trip lands on them (compare with `loractl diff BASE OUT`)"
+    )
 
 
 def expected_error(dtypes: set[str]) -> str:
@@ -211,9 +222,18 @@ def unmerge(
     check_against: ResolvedSource | None = None,
     progress: Progress | None = None,
     on_plan: Callable[[MergePlan], None] | None = None,
+    requantize: bool = False,
 ) -> UnmergeSummary:
-    """Revert `adapters` (given in the order they were merged) from `merged`, writing the result to `out`."""
+    """Revert `adapters` (given in the order they were merged) from `merged`, writing the result to `out`.
+
+    A quantized `merged` is written dequantized, or with `requantize` in its own format: the reverted weights
+    quantized again as `merge --requantize` does (lora_cli/quant/requantize.py), the others copied as stored."""
     options = options or WriteOptions()
+    if requantize and check_against is not None:
+        raise InputError(
+            "--check-against does not combine with --requantize (the error would be the format's rounding)",
+            fix="compare the output with the base by `loractl diff BASE OUT`, or unmerge without --requantize",
+        )
     # A merged checkpoint that is still tied (PEFT merges into the shared tensor) stays tied when unmerged: the
     # one shared tensor carries every delta, so the head's own edits are reverted on it too.
     prepared = prepare(merged, adapters, dtype=options.dtype, ties="keep")
@@ -234,19 +254,27 @@ def unmerge(
                     fix="pass the base the merge was made from",
                 )
             references[planned.name] = info
-    if on_plan is not None:
-        on_plan(plan)
     checks: list[TensorCheck] = []
+
+    def reverted(planned: PlannedTensor, raw: torch.Tensor, device: torch.device, workspace: Workspace) -> torch.Tensor:
+        # Base tensors are read here, in the compute thread: only edited tensors need them.
+        original = read_tensor(base_sources[planned.name]) if planned.name in base_sources else None
+        return revert_edits(planned, raw, device, workspace, original)
 
     def transform(
         planned: PlannedTensor, raw: torch.Tensor, device: torch.device, workspace: Workspace, out: torch.Tensor
     ) -> torch.Tensor:
-        # Base and reference tensors are read here, in the compute thread: only edited tensors need them.
-        original = read_tensor(base_sources[planned.name]) if planned.name in base_sources else None
-        out.copy_(revert_edits(planned, raw, device, workspace, original))  # the one rounding to the output dtype
+        out.copy_(reverted(planned, raw, device, workspace))  # the one rounding to the output dtype
         if planned.name in references:
             checks.append(_measure(planned.name, out.cpu(), raw, read_tensor(references[planned.name])))
         return out
+
+    edited_dtypes = {t.output.dtype for t in plan.edited}
+    formats = {t.source.format for t in plan.edited if isinstance(t.source, QuantizedTensor)}
+    if requantize:
+        plan, transform = requantize_plan(plan, compute=reverted, command="unmerge")
+    if on_plan is not None:
+        on_plan(plan)
 
     record = {**prepared.record("merged"), "reverted_in_order": [a.label for a in reversed(loaded)]}
     if base is not None:
@@ -258,7 +286,7 @@ def unmerge(
     )
     result = UnmergeSummary(
         **{f.name: getattr(summary, f.name) for f in dataclasses.fields(WriteSummary)},
-        expected_error=expected_error({t.output.dtype for t in plan.edited}),
+        expected_error=requantized_error(formats) if requantize and formats else expected_error(edited_dtypes),
         base_used_for=sorted(base_sources),
         retied=retied,
     )

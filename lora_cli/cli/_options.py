@@ -13,6 +13,17 @@ def revision_option(of: str, flag: str = "--revision") -> Any:
 
 
 RevisionOpt = Annotated[str | None, revision_option("BASE")]
+
+
+def requantize_option(of: str, edited: str) -> Any:
+    """`--requantize` for merge (of BASE) and unmerge (of MERGED): the same option, its input named in the help."""
+    return typer.Option(
+        "--requantize",
+        help=f"Write a quantized {of} in its own format (FP8, bitsandbytes 4-bit): {edited} weights quantized again "
+        "with new scales, the others copied as stored. Default: a plain checkpoint, dequantized.",
+    )
+
+
 AdapterRevisionOpt = Annotated[
     str | None,
     typer.Option(

@@ -40,6 +40,7 @@ from lora_cli.cli._options import (
     RevisionOpt,
     SeedOpt,
     VerifyOpt,
+    requantize_option,
 )
 from lora_cli.cli._output import Output
 from lora_cli.errors import AdapterMismatchError
@@ -118,14 +119,7 @@ def merge_command(
         int | None, typer.Option("--svd-rank", help="With --peft-compatible: PEFT's svd_rank (default the largest).")
     ] = None,
     allow_empty: AllowEmptyOpt = False,
-    requantize: Annotated[
-        bool,
-        typer.Option(
-            "--requantize",
-            help="Write a quantized base in its own format (FP8, bitsandbytes 4-bit): edited weights quantized "
-            "again with new scales, the others copied as stored. Default: a plain checkpoint, dequantized.",
-        ),
-    ] = False,
+    requantize: Annotated[bool, requantize_option("base", "edited")] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,

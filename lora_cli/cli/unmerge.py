@@ -34,6 +34,7 @@ from lora_cli.cli._options import (
     OverwriteOpt,
     QuietOpt,
     VerifyOpt,
+    requantize_option,
     revision_option,
 )
 from lora_cli.cli._output import Output
@@ -52,6 +53,8 @@ Examples:
   loractl unmerge ./merged ./lora-with-modules-to-save ./out --base ./base
 
   loractl unmerge ./merged ./my-lora ./out --check-against ./base --json
+
+  loractl unmerge ./merged-fp8 ./lora ./base-fp8 --requantize   (a quantized MERGED in its own format, new scales)
 """
 
 
@@ -122,6 +125,7 @@ def unmerge_command(
     keep_local: KeepLocalOpt = False,
     download: DownloadOpt = False,
     allow_empty: AllowEmptyOpt = False,
+    requantize: Annotated[bool, requantize_option("MERGED", "reverted")] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
@@ -131,7 +135,8 @@ def unmerge_command(
     Give the adapters in the order they were merged; they are undone in reverse. What the merged file alone cannot
     give back (modules_to_save, trainable tokens, DoRA) is refused unless --base supplies the originals. MERGED's
     dtypes are kept unless --dtype is given. bf16/fp16 round trips are not exact: expect about 1 ulp per element
-    at the larger magnitude of W and the merged value; --check-against BASE measures it per tensor.
+    at the larger magnitude of W and the merged value; --check-against BASE measures it per tensor. A quantized
+    MERGED is written dequantized, or in its own format with --requantize (FP8, bitsandbytes 4-bit).
     """
     from lora_cli.engine import WriteOptions
     from lora_cli.resolve import resolve
@@ -168,6 +173,7 @@ def unmerge_command(
                     check_against=reference,
                     progress=bar,
                     on_plan=lambda p: bar.set_total(p.output_bytes),
+                    requantize=requantize,
                 )
             except SwappedArgumentsError as exc:
                 if exc.path != str(merged_source.path):

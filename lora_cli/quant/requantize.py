@@ -5,6 +5,9 @@ Done for FP8 with fp32 scales (blocks, per channel, per tensor: transformers' `F
 per block) and for bitsandbytes 4-bit (NF4/FP4 with or without double quantization: `quantize_4bit` of the
 fp32 merged weight, which is what PEFT's `Linear4bit.merge` stores). Everything else is refused by name.
 
+One piece serves `merge --requantize` and `unmerge --requantize`: the command hands in how an edited weight's fp32
+value is computed (its edits applied, or reverted), and the stored format, the stash and the encoders are shared.
+
 The stored parts of an edited weight become planned outputs of their own: the weight's job quantizes and leaves
 its companions' tensors in a stash, which the companions' reads take (the reader waits for them; they are the
 next jobs, so the pipeline never waits on itself).
@@ -31,6 +34,9 @@ from lora_cli.quant import bnb, fp8
 from lora_cli.quant.base import QuantizedTensor, UnsupportedQuantError
 
 Encode = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # merged fp32 weight -> stored tensors by name
+# How a command computes an edited weight in working precision from its dequantized value: merge applies the
+# edits (`apply_edits`), unmerge reverts them. The result is quantized once, from fp32.
+Compute = Callable[[PlannedTensor, torch.Tensor, torch.device, Workspace], torch.Tensor]
 # A bitsandbytes quant state is JSON in a uint8 tensor whose length must be known before the weight is computed:
 # it is padded with spaces (valid JSON whitespace, which bitsandbytes' json.loads ignores) to the stored length
 # plus this much room (a float's repr and the dtype name are all that vary).
@@ -79,14 +85,20 @@ class StashedPart(TensorInfo):
         return self.stash.take(self.name)
 
 
-def requantize_plan(plan: MergePlan) -> tuple[MergePlan, Callable]:
-    """The plan with every quantized weight written in the base's format, and the transform that does it."""
+def requantize_plan(
+    plan: MergePlan, compute: Compute = apply_edits, command: str = "merge"
+) -> tuple[MergePlan, Callable]:
+    """The plan with every quantized weight written in its input's format, and the transform that does it.
+
+    `compute` gives an edited weight's new value from its dequantized one; `command` names the command in messages
+    (merge reads a base, unmerge a merged checkpoint)."""
     quantization = plan.base.quantization
     if quantization is None:
+        what = "base" if command == "merge" else "merged checkpoint"
         raise UnsupportedQuantError(
-            "--requantize needs a quantized base, and this one is not",
+            f"--requantize needs a quantized {what}, and this one is not",
             path=plan.base.directory,
-            fix="drop --requantize",
+            fix=f"{command} without --requantize",
         )
     stash = Stash()
     encoders: dict[str, Encode] = {}
@@ -101,7 +113,7 @@ def requantize_plan(plan: MergePlan) -> tuple[MergePlan, Callable]:
                 PlannedTensor(p.name, p, [], OutputTensor(p.name, p.dtype, p.shape)) for p in _in_file_order(source)
             )
             continue
-        encode, outputs = _encoder(source, quantization.config)
+        encode, outputs = _encoder(source, quantization.config, command)
         main, *companions = outputs
         encoders[planned.name] = encode
         tensors.append(
@@ -121,10 +133,10 @@ def requantize_plan(plan: MergePlan) -> tuple[MergePlan, Callable]:
         planned: PlannedTensor, tensor: torch.Tensor, device: torch.device, workspace: Workspace, out: torch.Tensor
     ) -> torch.Tensor:
         try:
-            merged = apply_edits(planned, tensor, device, workspace).to("cpu", torch.float32)
+            merged = compute(planned, tensor, device, workspace).to("cpu", torch.float32)
             if not torch.isfinite(merged).all():  # checked here: a 4-bit output would hide it in its codes
                 raise NonFiniteError(
-                    f"merged tensor {planned.name} holds NaN or Inf",
+                    f"{command}d tensor {planned.name} holds NaN or Inf",
                     path=", ".join(sorted({e.adapter.label for e in planned.edits})),
                     fix="the adapter is broken for this base",
                 )
@@ -142,18 +154,18 @@ def _in_file_order(source: QuantizedTensor) -> list[TensorInfo]:
     return sorted(source.parts.values(), key=lambda p: (str(p.file), p.offset))
 
 
-def _encoder(source: QuantizedTensor, qconfig: dict) -> tuple[Encode, list[TensorInfo]]:
+def _encoder(source: QuantizedTensor, qconfig: dict, command: str) -> tuple[Encode, list[TensorInfo]]:
     """How to quantize this weight again, and its outputs (the weight first): recomputed parts as TensorInfos
     with `stored` False, parts kept as they are (activation scales) as their stored TensorInfos."""
     if source.format == fp8.NAME:
-        return _fp8_encoder(source, qconfig)
+        return _fp8_encoder(source, qconfig, command)
     if source.format == bnb.NAME and "state" in source.parts:
         return _nf4_encoder(source)
     variant = f"{source.format} int8" if source.format == bnb.NAME else source.format
     raise UnsupportedQuantError(
         f"--requantize of {variant} weights ({source.name}) is not supported",
         path=source.file,
-        fix="merge without --requantize to write the dequantized model, or requantize it with the format's tools",
+        fix=f"{command} without --requantize to write the dequantized model, or requantize it with the format's tools",
     )
 
 
@@ -171,14 +183,14 @@ class _Recomputed(TensorInfo):
         return False
 
 
-def _fp8_encoder(source: QuantizedTensor, qconfig: dict) -> tuple[Encode, list[TensorInfo]]:
+def _fp8_encoder(source: QuantizedTensor, qconfig: dict, command: str) -> tuple[Encode, list[TensorInfo]]:
     weight, scale = source.parts["weight"], source.parts["scale"]
     if weight.dtype != "F8_E4M3" or scale.dtype != "F32":
         raise UnsupportedQuantError(
             f"--requantize of FP8 with {weight.dtype} weights and {scale.dtype} scales ({source.name}) is not "
             "supported (E4M3 with fp32 scales is)",
             path=source.file,
-            fix="merge without --requantize to write the dequantized model",
+            fix=f"{command} without --requantize to write the dequantized model",
         )
     grid = fp8.scale_grid(weight.shape, scale.shape, fp8.block_size(qconfig))
     rows, cols = weight.shape[-2:]
@@ -196,9 +208,11 @@ def _nf4_encoder(source: QuantizedTensor) -> tuple[Encode, list[TensorInfo]]:
     from lora_cli.quant.base import read_small
 
     state_info = source.parts["state"]
-    state = json.loads(read_small(state_info).numpy().tobytes().decode("utf-8"))
+    stored_json = read_small(state_info).numpy().tobytes().rstrip(b" ")
+    state = json.loads(stored_json.decode("utf-8"))
     double = "nested_blocksize" in state
-    length = state_info.shape[0] + STATE_ROOM
+    # From the JSON without its padding: a state padded by an earlier --requantize does not grow on each round trip.
+    length = len(stored_json) + STATE_ROOM
     name = source.name
 
     def encode(merged: torch.Tensor) -> dict[str, torch.Tensor]:
