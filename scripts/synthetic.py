@@ -355,7 +355,10 @@ def write_quantized_copy(
                         quantized, inverse = fp8.quantize_blocks(value, (128, 128))
                         parts = {name: quantized, name.removesuffix("weight") + "weight_scale_inv": inverse}
                     else:
-                        parts = {name + k: v for k, v in bnb.quantize_nf4(value, double_quant=True).items()}
+                        # On a GPU box, bitsandbytes' CUDA quantizer (same layout) saves minutes at 7B.
+                        on = value.cuda() if torch.cuda.is_available() else value
+                        quantized = bnb.quantize_nf4(on, double_quant=True)
+                        parts = {name + k: v.cpu() for k, v in quantized.items()}
                 else:
                     parts = {name: value}
                 tensors.update(parts)
