@@ -315,7 +315,11 @@ class _ComputeStep:
             return None
         planned = job.planned
         source = planned.source
-        raw = source.decode_parts(loaded) if isinstance(source, QuantizedTensor) else loaded
+        raw = loaded
+        if isinstance(source, QuantizedTensor):
+            if source.exact_anywhere and self.device.type != "cpu":
+                loaded = {role: part.to(self.device) for role, part in loaded.items()}  # 1 byte an element or less
+            raw = source.decode_parts(loaded)
         dtype = SAFETENSORS_TO_TORCH[planned.output.dtype]
         staged = self.outputs.take(planned.output.shape, dtype)
         if not planned.edits:

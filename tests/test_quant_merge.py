@@ -170,3 +170,16 @@ def test_inspect_diff_memory_and_unmerge_read_quantized_bases(
     back, reference = load_merged(tmp_path / "back"), load_file(bases["fp8-deq"] / "model.safetensors")
     for name in back:
         torch.testing.assert_close(back[name], reference[name].to(back[name].dtype), rtol=2**-20, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["nf4", "fp8"])
+def test_dequantizing_on_the_gpu_gives_the_cpu_bytes(bases: dict, tmp_path: Path, fmt: str) -> None:
+    """FP8 and bitsandbytes 4-bit are dequantized on the device that merges (exact IEEE operations only)."""
+    outputs = []
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        result = invoke("merge", bases[fmt], bases["lora"], out, "--device", device)
+        assert result.exit_code == 0, result.output
+        outputs.append((out / "model.safetensors").read_bytes())
+    assert outputs[0] == outputs[1]

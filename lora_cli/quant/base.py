@@ -42,6 +42,9 @@ class QuantizedTensor(TensorInfo):
     decode: Decode | None = field(default=None, hash=False, compare=False, repr=False)
     # The dtype written when no --dtype is given: the model's compute dtype (quantized data has none of its own).
     output_dtype: str = "BF16"
+    # `decode` runs on the parts' device, in exact IEEE operations only (conversions, lookups, one multiply per
+    # element), so a GPU gives the CPU's bytes: the engine then dequantizes on the device it merges on.
+    exact_anywhere: bool = False
 
     @property
     def stored(self) -> bool:
@@ -108,6 +111,7 @@ def logical(
     context: LiftContext,
     fmt: str,
     main: str = "weight",
+    exact_anywhere: bool = False,
 ) -> QuantizedTensor:
     anchor = parts[main]
     return QuantizedTensor(
@@ -121,6 +125,7 @@ def logical(
         parts=dict(parts),
         decode=decode,
         output_dtype=context.compute_dtype,
+        exact_anywhere=exact_anywhere,
     )
 
 

@@ -61,7 +61,8 @@ def _lift_4bit(tensors: dict[str, TensorInfo], context: LiftContext) -> list[Qua
             raise context.bad(states[0], f"quant state has no usable shape/dtype ({shape!r}, {state.get('dtype')!r})")
         if not _usable_state(state, kind):
             raise context.bad(states[0], "quant state lacks its quant_type, blocksize or nested_* entries")
-        found.append(logical(name, TORCH_TO_SAFETENSORS[dtype], tuple(shape), parts, _decode_4bit, context, NAME))
+        stored = TORCH_TO_SAFETENSORS[dtype]
+        found.append(logical(name, stored, tuple(shape), parts, _decode_4bit, context, NAME, exact_anywhere=True))
     return found
 
 
@@ -91,7 +92,7 @@ STEP = 1 << 22
 
 
 def _decode_4bit(read: dict[str, torch.Tensor]) -> torch.Tensor:
-    state = json.loads(read["state"].numpy().tobytes().decode("utf-8"))
+    state = json.loads(read["state"].cpu().numpy().tobytes().decode("utf-8"))
     absmax = read["absmax"]
     if "nested_absmax" in read:
         nested = blockwise(absmax, read["nested_quant_map"], read["nested_absmax"], state["nested_blocksize"])
@@ -123,11 +124,11 @@ def dequantize_4bit(
     code = code.float()
     # Two bytes (four elements) a lookup: the int16 value v = b0 | b1 << 8 -> (code[b0 >> 4], code[b0 & 15],
     # code[b1 >> 4], code[b1 & 15]), a 1 MiB table.
-    pairs = torch.arange(256)
+    pairs = torch.arange(256, device=data.device)
     pairs = torch.stack((code[pairs >> 4], code[pairs & 15]), dim=1)
-    quads = torch.arange(65536)
+    quads = torch.arange(65536, device=data.device)
     quads = torch.cat((pairs[quads & 255], pairs[quads >> 8]), dim=1)
-    out = torch.empty(count, dtype=dtype)
+    out = torch.empty(count, dtype=dtype, device=data.device)
     step = max(blocksize, STEP // blocksize * blocksize)
     for start in range(0, count, step):
         stop = min(count, start + step)

@@ -48,7 +48,7 @@ def lift(tensors: dict[str, TensorInfo], context: LiftContext) -> list[Quantized
         def decode(read: dict[str, torch.Tensor], grid: tuple[int, int] | None = grid) -> torch.Tensor:
             return dequantize(read["weight"], read["scale"], grid)
 
-        found.append(logical(name, "F32", info.shape, parts, decode, context, NAME))
+        found.append(logical(name, "F32", info.shape, parts, decode, context, NAME, exact_anywhere=True))
     return found
 
 
