@@ -8,10 +8,13 @@ this is how a pipeline proves which adapter a checkpoint was made from.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +26,10 @@ from lora_cli.combined_merge import combine_transform
 from lora_cli.components import COMPONENTS, GROUPS, classify
 from lora_cli.device import exact_device
 from lora_cli.engine import Transform, apply_edits
+from lora_cli.host_buffers import INPUT_BUFFERS, PIPELINE_DEPTH, BufferRing
 from lora_cli.io.checkpoint import CheckpointIndex, open_checkpoint
+from lora_cli.io.files import SourceFile
+from lora_cli.io.prefetch import Prefetcher
 from lora_cli.io.safetensors_file import TensorInfo, read_tensor
 from lora_cli.memstats import MemoryMonitor
 from lora_cli.numerics import CHUNK, coarser, ulp_at, ulps, work_dtype
@@ -200,6 +206,7 @@ def _chunked_stats(
     # Both chunks side by side in one buffer: their three dot products (|A|^2, A.B, |B|^2) are then one 2 x 2 Gram
     # matrix, one pass over each side instead of three.
     pair = torch.empty(2, min(CHUNK, flat_a.numel()), dtype=work)
+    difference = torch.empty(pair.shape[1], dtype=work)  # one buffer for every chunk's A - B
     for start in range(0, flat_a.numel(), CHUNK):
         ca, cb = flat_a[start : start + CHUNK], flat_b[start : start + CHUNK]
         if compare is not None:
@@ -215,7 +222,7 @@ def _chunked_stats(
             stats.dot += norm_a
         else:
             gram = (both @ both.T).tolist()
-            d = ca - cb
+            d = torch.sub(ca, cb, out=difference[: ca.numel()])
             largest = _abs_max(d)
             if math.isnan(largest):
                 # NaN against NaN (and inf against the same inf) are equal; NaN against a number is infinitely far.
@@ -226,16 +233,20 @@ def _chunked_stats(
             stats.sum_a2 += gram[0][0]
             stats.sum_b2 += gram[1][1]
             stats.dot += gram[0][1]
-            # numpy's count is single-threaded and several times faster than torch.count_nonzero on CPU.
-            stats.unequal += int(np.count_nonzero(d.numpy()))
+            # numpy's count of a float array tests one element at a time (torch.count_nonzero is slower still); its
+            # vectorized != 0 and the count of that mask take a third of the time. Both count by value: -0.0 is
+            # zero, NaN is not. Single-threaded, so no torch thread has to wake for it.
+            stats.unequal += int(np.count_nonzero(d.numpy() != 0))
             # torch.allclose's rule, |A - B| <= atol + rtol * |B|; when even the largest difference is beyond the
-            # loosest bound it fails without an elementwise pass (the common case for a changed tensor).
-            loosest = _abs_max(cb)
-            loosest = math.inf if math.isnan(loosest) else loosest
-            if stats.close and largest > tol[1] + tol[0] * loosest:
-                stats.close = False
-            elif stats.close:
-                stats.close = bool(((d == 0) | (d.abs() <= tol[1] + tol[0] * cb.abs())).all())
+            # loosest bound it fails without an elementwise pass (the common case for a changed tensor). Once a
+            # chunk has failed, the rest need not be tested.
+            if stats.close:
+                loosest = _abs_max(cb)
+                loosest = math.inf if math.isnan(loosest) else loosest
+                if largest > tol[1] + tol[0] * loosest:
+                    stats.close = False
+                else:
+                    stats.close = bool(((d == 0) | (d.abs() <= tol[1] + tol[0] * cb.abs())).all())
         if noise_dtype is not None:
             half_a, half_b = ulp_at(ca, noise_dtype) / 2, ulp_at(cb, noise_dtype) / 2
             stats.noise2 += float(torch.dot(half_a, half_a) + torch.dot(half_b, half_b))
@@ -245,17 +256,37 @@ def _chunked_stats(
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _find_memcmp() -> Callable[[int, int, int], int] | None:
+    """libc's memcmp through ctypes (which releases the GIL during the call), or None where there is no libc."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        memcmp = libc.memcmp
+    except (OSError, AttributeError):
+        return None
+    memcmp.restype = ctypes.c_int
+    memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return memcmp
+
+
+_MEMCMP = _find_memcmp()
+
+
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bytes: compared as integers by numpy (several times faster than torch.equal on CPU,
-    which compares values: NaN unequal to itself, -0.0 equal to 0.0)."""
+    """Same dtype, shape and bytes. On the CPU the bytes are compared by memcmp, which stops at the first
+    difference (a changed tensor costs nothing) and reads each side once (numpy's array_equal writes a full-size
+    mask, then reduces it); torch.equal compares values instead: NaN unequal to itself, -0.0 equal to 0.0."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.device.type != "cpu" or b.device.type != "cpu" or a.element_size() not in _INT_OF_SIZE:
         return bool(torch.equal(a, b)) and not (a.is_floating_point() and bool(a.isnan().any()))
+    a, b = a.contiguous(), b.contiguous()
+    nbytes = a.numel() * a.element_size()
+    if nbytes == 0:
+        return True
+    if _MEMCMP is not None:
+        return _MEMCMP(a.data_ptr(), b.data_ptr(), nbytes) == 0
     as_int = _INT_OF_SIZE[a.element_size()]
-    ints_a = a.contiguous().reshape(-1).view(as_int).numpy()
-    ints_b = b.contiguous().reshape(-1).view(as_int).numpy()
-    return bool(np.array_equal(ints_a, ints_b))
+    return bool(np.array_equal(a.reshape(-1).view(as_int).numpy(), b.reshape(-1).view(as_int).numpy()))
 
 
 def _abs_max(x: torch.Tensor) -> float:
@@ -365,7 +396,7 @@ def check_against_plan(
     if b is None or tuple(b.shape) != tuple(planned.output.shape):
         record.adapter_ok = False
         return
-    rounded = torch.empty(b.shape, dtype=b.dtype)
+    rounded = workspace.take("diff_rounded", tuple(b.shape), b.dtype, torch.device("cpu"))  # reused: no page faults
     result = transform(planned, source, device, workspace, rounded)
     fused = result is rounded
     if not fused:
@@ -439,14 +470,31 @@ def diff(
     records: list[TensorDiff] = []
     workspace = Workspace()  # used by the compute thread only
     started = time.perf_counter()
+    # As the merge reads (engine.py): into reused buffers, each handed out again only once the tensor read into it
+    # has been compared (`host_buffers.py`). A fresh buffer per tensor was zeroed while holding the GIL the compute
+    # thread needs, then faulted in page by page. A source read apart from A's tensor (`_own_source`) has its ring.
+    own = {name: _own_source(name, p, index_a) for name, p in planned.items()}
+    rings = [
+        BufferRing(INPUT_BUFFERS, _largest(infos))
+        for infos in (
+            index_a.tensors.values(),
+            index_b.tensors.values(),
+            [p.source for name, p in planned.items() if not own[name]],
+        )
+    ]
+    ring_a, ring_b, ring_source = rings
+    # Each pair's bytes asked of the kernel a window ahead of the reader: a cold checkpoint streams (prefetch.py).
+    position = {name: i for i, name in enumerate(names)}
+    prefetch = Prefetcher([_range(index, name) for name in names for index in (index_a, index_b)])
 
     def load(name: str) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        ta = _read(index_a, name)
-        tb = _read(index_b, name)
+        prefetch.advance(2 * position[name])
+        ta = _read(index_a, name, ring_a)
+        tb = _read(index_b, name, ring_b)
         source = None
         if name in planned:
             info = planned[name].source
-            source = ta if info.name == name and ta is not None else read_tensor(info)
+            source = ta if own[name] else _read_info(info, ring_source)
         return ta, tb, source
 
     def compute(name: str, loaded: tuple) -> TensorDiff:
@@ -465,8 +513,13 @@ def diff(
         if progress is not None:
             progress(_nbytes(index_a, name) + _nbytes(index_b, name))
 
-    with MemoryMonitor(keep_timeline=False) as memory:
-        Pipeline(load, compute, sink).run(names)
+    try:
+        with MemoryMonitor(keep_timeline=False) as memory:
+            Pipeline(load, compute, sink, depth=PIPELINE_DEPTH).run(names)
+    finally:
+        prefetch.close()
+        for ring in rings:
+            ring.close()
     summary = {status: sum(r.status == status for r in records) for status in STATUSES}
     result = DiffResult(
         a=a.ref,
@@ -490,9 +543,31 @@ def diff(
     return result
 
 
-def _read(index: CheckpointIndex, name: str) -> torch.Tensor | None:
+def _own_source(name: str, planned: PlannedTensor, index_a: CheckpointIndex) -> bool:
+    """Whether the merge's input for `name` is A's tensor of that name (then it is not read twice)."""
+    return planned.source.name == name and name in index_a.tensors
+
+
+def _largest(infos: Iterable[TensorInfo]) -> int:
+    """Bytes of the largest tensor read as stored (a quantized weight is dequantized into a tensor of its own)."""
+    return max((info.nbytes for info in infos if info.stored), default=0)
+
+
+def _read(index: CheckpointIndex, name: str, ring: BufferRing) -> torch.Tensor | None:
     info: TensorInfo | None = index.tensors.get(name)
-    return read_tensor(info) if info is not None else None
+    return _read_info(info, ring) if info is not None else None
+
+
+def _read_info(info: TensorInfo, ring: BufferRing) -> torch.Tensor:
+    return read_tensor(info, into=ring.next(info.nbytes) if info.stored else None)
+
+
+def _range(index: CheckpointIndex, name: str) -> tuple[SourceFile | Path, int, int]:
+    """Where `name`'s bytes lie in `index`, for the prefetcher; an empty range when it is absent or not stored."""
+    info = index.tensors.get(name)
+    if info is None or not info.stored:
+        return index.directory, 0, 0
+    return info.handle or info.file, info.offset, info.nbytes
 
 
 def _nbytes(index: CheckpointIndex, name: str) -> int:
