@@ -226,7 +226,9 @@ def _chunked_stats(
             largest = _abs_max(d)
             if math.isnan(largest):
                 # NaN against NaN (and inf against the same inf) are equal; NaN against a number is infinitely far.
-                d = d.masked_fill((ca == cb) | (ca.isnan() & cb.isnan()), 0.0).nan_to_num(nan=math.inf)
+                d = d.masked_fill((ca == cb) | (ca.isnan() & cb.isnan()), 0.0).nan_to_num(
+                    nan=math.inf, posinf=math.inf, neginf=-math.inf
+                )
                 largest = float(d.abs().max())
             stats.max_abs = max(stats.max_abs, largest)
             stats.sum_d2 += float(torch.dot(d, d))
@@ -246,7 +248,10 @@ def _chunked_stats(
                 if largest > tol[1] + tol[0] * loosest:
                     stats.close = False
                 else:
-                    stats.close = bool(((d == 0) | (d.abs() <= tol[1] + tol[0] * cb.abs())).all())
+                    # As torch.isclose: an infinity is close only to itself (d == 0 after the NaN masking above);
+                    # a finite d means both sides are finite, and inf <= atol + rtol * |inf| must not pass.
+                    within = d.abs() <= tol[1] + tol[0] * cb.abs()
+                    stats.close = bool(((d == 0) | (within & d.isfinite())).all())
         if noise_dtype is not None:
             half_a, half_b = ulp_at(ca, noise_dtype) / 2, ulp_at(cb, noise_dtype) / 2
             stats.noise2 += float(torch.dot(half_a, half_a) + torch.dot(half_b, half_b))
@@ -293,6 +298,18 @@ def _abs_max(x: torch.Tensor) -> float:
     """max |x| from one aminmax pass (x.abs().max() makes an |x| copy first, then a second pass); NaN propagates."""
     low, high = torch.aminmax(x)
     return max(-float(low), float(high)) if not (low.isnan() or high.isnan()) else math.nan
+
+
+def _extremes(x: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a non-empty tensor; torch has no aminmax for float8, so those are taken a chunk at a time
+    in fp32 (exact: every float8 value is an fp32 value)."""
+    if x.element_size() == 1 and x.is_floating_point():
+        flat = x.reshape(-1)
+        pieces = [torch.aminmax(flat[i : i + CHUNK].float()) for i in range(0, flat.numel(), CHUNK)]
+        lows, highs = torch.stack([p[0] for p in pieces]), torch.stack([p[1] for p in pieces])
+        return float(lows.min()), float(highs.max())
+    low, high = torch.aminmax(x.reshape(-1))
+    return float(low), float(high)
 
 
 def difference_rank(d: torch.Tensor, noise: float, rtol: float = RANK_RTOL) -> int:
@@ -345,11 +362,11 @@ def compare_tensors(name: str, a: torch.Tensor | None, b: torch.Tensor | None, o
         record.status = "shape_mismatch"
         return record
     if a.dtype == b.dtype and not options.rank and bits_equal(a, b):
-        low, high = torch.aminmax(a.reshape(-1)) if a.numel() else (0, 0)  # a.any() would allocate a mask
-        if not (a.is_floating_point() and a.numel() and (low.isnan() or high.isnan())):
+        low, high = _extremes(a) if a.numel() else (0.0, 0.0)  # a.any() would allocate a mask
+        if not (math.isnan(low) or math.isnan(high)):
             # Bit-identical and free of NaN (which takes the full path, as before): nothing to measure.
             record.max_abs_diff, record.rel_frobenius, record.frac_differ, record.allclose = 0.0, 0.0, 0.0, True
-            record.cosine = 1.0 if bool(low != 0) or bool(high != 0) else None
+            record.cosine = 1.0 if low != 0 or high != 0 else None
             return record
     compare = coarser(a.dtype, b.dtype) if a.dtype != b.dtype else None
     work = work_dtype(a.dtype, b.dtype)

@@ -171,6 +171,9 @@ class FakeHub:
             return cuts.pop(0) if cuts else None
 
 
+AGENT_REGISTRY = "/api/agent-harnesses"
+
+
 def git_blob_sha(content: bytes) -> str:
     """The git object id the Hub reports for a regular file."""
     return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
@@ -388,8 +391,13 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         # -- routing ---------------------------------------------------------------------------------------------
         def _dispatch(self, *, head: bool) -> None:
-            hub._record(Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
             path = urlsplit(self.path).path
+            if path == AGENT_REGISTRY:
+                # huggingface_hub >= 2.4 fetches this once a day (no token, best effort): the client's own
+                # telemetry, not a request of the code under test, so it is answered and not recorded.
+                self._json(200, {"standardEnvVars": [], "harnesses": {}})
+                return
+            hub._record(Request(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}))
             if (m := _API_RE.match(path)) and not head:
                 self._api(unquote(m["repo"]), m["rev"] or m["tree_rev"], tree=m["tree_rev"] is not None)
             elif m := _RESOLVE_RE.match(path):

@@ -37,7 +37,7 @@ def _reference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float | bool]:
     a32, b32 = a.float().reshape(-1), b.float().reshape(-1)
     both_nan = a32.isnan() & b32.isnan()
     unequal = ~((a32 == b32) | both_nan)
-    d = (a32 - b32).masked_fill(~unequal, 0.0).nan_to_num(nan=math.inf)
+    d = (a32 - b32).masked_fill(~unequal, 0.0).nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
     return {
         "frac_differ": int(unequal.sum()) / a32.numel(),
         "max_abs_diff": float(d.abs().max()),
@@ -131,3 +131,35 @@ def test_bits_equal_compares_bytes_as_integer_views_do(case: str, dtype: torch.d
     expected = a.dtype == b.dtype and a.shape == b.shape and bool(np.array_equal(_as_ints(a), _as_ints(b)))
     assert bits_equal(a, b) is expected
     assert bits_equal(b, a) is expected
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_tensors_compare_without_an_internal_error(tmp_path: Path, fp8: torch.dtype) -> None:
+    """torch has no aminmax for float8: a bit-identical float8 pair is still identical, a changed one changed."""
+    torch.manual_seed(2)
+    a = torch.randn(CHUNK + 5).to(fp8)
+    b = a.clone()
+    b[-1] = 0.0 if float(a[-1]) != 0 else 1.0
+    same = diff(local_source(_save(tmp_path / "a", {"w": a})), local_source(_save(tmp_path / "a2", {"w": a})))
+    assert same.tensors[0].status == "identical" and same.tensors[0].cosine == 1.0
+    changed = diff(local_source(tmp_path / "a"), local_source(_save(tmp_path / "b", {"w": b})))
+    assert changed.tensors[0].status == "changed" and changed.tensors[0].frac_differ == 1 / a.numel()
+
+
+def test_an_infinity_is_close_only_to_itself(tmp_path: Path) -> None:
+    """As torch.isclose: inf against -inf (or a number) is a change however loose the tolerance; inf against inf
+    is equal."""
+    a = torch.tensor([math.inf, 1.0, -math.inf])
+    folder = _save(tmp_path / "a", {"w": a})
+    for other, status in [
+        ([math.inf, 1.0, -math.inf], "identical"),
+        ([-math.inf, 1.0, -math.inf], "changed"),
+        ([math.inf, 1.0, 5.0], "changed"),
+        ([5.0, 1.0, -math.inf], "changed"),
+    ]:
+        b = torch.tensor(other)
+        result = diff(local_source(folder), local_source(_save(tmp_path / f"b{other}", {"w": b})))
+        record = result.tensors[0]
+        assert record.status == status, (other, record)
+        assert record.allclose is (status == "identical") == torch.allclose(a, b)
+        assert record.max_abs_diff == (0.0 if status == "identical" else math.inf)  # not float32's largest

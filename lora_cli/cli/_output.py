@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ class Output:
 
     def json(self, data: Any) -> None:
         if self.json_mode:
-            sys.stdout.write(json.dumps(to_jsonable(data), indent=2, default=str) + "\n")
+            sys.stdout.write(json.dumps(to_jsonable(data), indent=2, default=str, allow_nan=False) + "\n")
 
     def table(self, table: Table, *, wide: bool = False) -> None:
         """Print a table fitted to the terminal; `wide`: at its natural width, however wide the terminal is."""
@@ -100,6 +101,9 @@ def to_jsonable(data: Any) -> Any:
         return {str(k): to_jsonable(v) for k, v in data.items()}
     if isinstance(data, list | tuple):
         return [to_jsonable(v) for v in data]
+    if isinstance(data, float) and not math.isfinite(data):
+        # JSON has no Infinity or NaN (Python's json writes them, strict parsers refuse them): "inf", "-inf", "nan".
+        return str(data)
     return data
 
 
