@@ -111,6 +111,9 @@ class FakeHub:
             sha = hashlib.sha1(f"{repo_id}@{name}".encode() + json.dumps(sorted(content)).encode()).hexdigest()
             repo.commits[sha] = dict(content)
             repo.branches[name] = sha
+            for filename, data in content.items():  # hashed now, not inside the first request for the file
+                if filename.endswith(LFS_SUFFIXES):
+                    self._content_sha256(sha, filename, data)
         self.repos[repo_id] = repo
         return dict(repo.branches)
 
@@ -185,8 +188,8 @@ class FakeHub:
             self.requests.append(request)
 
     def _content_sha256(self, commit: str, filename: str, content: bytes) -> str:
-        """The LFS ETag of a file, hashed on first use: a commit's files never change, and hashing a 1 GB shard on
-        every range request made each request take about a second (the streamed benchmark measured the hashing)."""
+        """The LFS ETag of a file, hashed once: a commit's files never change, and hashing a 1 GB shard on every
+        range request made each request take about a second (what made the streamed benchmark slow)."""
         with self._lock:
             digest = self._sha256.get((commit, filename))
         if digest is None:
