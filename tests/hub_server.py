@@ -90,7 +90,9 @@ class FakeHub:
         self.expire_links_at: int | None = None  # links expire (once) when this many storage GETs have come in
         self._cdn: dict[str, tuple[str, str, bytes]] = {}  # oid -> (repo, file, content) of links handed out
         self._cuts: dict[tuple[str, str], list[int]] = {}
-        self._sha256: dict[tuple[str, str], str] = {}  # (commit, file) -> content sha256: hashed once, not per GET
+        # (id, kind) -> (content, digest): each file hashed once, not per request (the content is held, so its id
+        # is never reused while cached).
+        self._digests: dict[tuple[int, str], tuple[bytes, str]] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -112,8 +114,7 @@ class FakeHub:
             repo.commits[sha] = dict(content)
             repo.branches[name] = sha
             for filename, data in content.items():  # hashed now, not inside the first request for the file
-                if filename.endswith(LFS_SUFFIXES):
-                    self._content_sha256(sha, filename, data)
+                self._tree_entry(filename, data)
         self.repos[repo_id] = repo
         return dict(repo.branches)
 
@@ -187,16 +188,25 @@ class FakeHub:
         with self._lock:
             self.requests.append(request)
 
-    def _content_sha256(self, commit: str, filename: str, content: bytes) -> str:
-        """The LFS ETag of a file, hashed once: a commit's files never change, and hashing a 1 GB shard on every
-        range request made each request take about a second (what made the streamed benchmark slow)."""
+    def digest(self, content: bytes, kind: str) -> str:
+        """The file's "sha256" (its LFS oid) or "git" blob id, computed once: hashing a 1 GB shard for every range
+        request or listing took about a second each time (what made the streamed benchmark slow)."""
+        key = (id(content), kind)
         with self._lock:
-            digest = self._sha256.get((commit, filename))
-        if digest is None:
-            digest = hashlib.sha256(content).hexdigest()
+            found = self._digests.get(key)
+        if found is None:
+            value = hashlib.sha256(content).hexdigest() if kind == "sha256" else git_blob_sha(content)
+            found = (content, value)
             with self._lock:
-                self._sha256[(commit, filename)] = digest
-        return digest
+                self._digests[key] = found
+        return found[1]
+
+    def _tree_entry(self, name: str, content: bytes) -> dict[str, object]:
+        entry: dict[str, object] = {"type": "file", "path": name, "size": len(content)}
+        entry["oid"] = self.digest(content, "git")
+        if name.endswith(LFS_SUFFIXES):
+            entry["lfs"] = {"oid": self.digest(content, "sha256"), "size": len(content), "pointerSize": 134}
+        return entry
 
     def _next_cut(self, repo_id: str, filename: str) -> int | None:
         with self._lock:
@@ -348,7 +358,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return
             repo, commit = found
             files = repo.commits[commit]
-            self._json(200, [_tree_entry(path, files[path]) for path in paths if path in files])
+            self._json(200, [hub._tree_entry(path, files[path]) for path in paths if path in files])
 
         def _preupload(self, repo_id: str, revision: str, payload: dict) -> None:
             repo = self._writable_repo(repo_id)
@@ -359,7 +369,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             for entry in payload["files"]:
                 lfs = entry["path"].endswith(LFS_SUFFIXES)
                 old = current.get(entry["path"])
-                oid = None if old is None else hashlib.sha256(old).hexdigest() if lfs else git_blob_sha(old)
+                oid = None if old is None else hub.digest(old, "sha256" if lfs else "git")
                 files.append(
                     {
                         "path": entry["path"],
@@ -469,7 +479,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             repo, commit = found
             files = repo.commits[commit]
             if tree:
-                body: object = [_tree_entry(name, content) for name, content in sorted(files.items())]
+                body: object = [hub._tree_entry(name, content) for name, content in sorted(files.items())]
             else:
                 body = {
                     "id": repo_id,
@@ -492,10 +502,10 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return
             headers = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
             if filename.endswith(LFS_SUFFIXES):
-                sha256 = hub._content_sha256(commit, filename, content)
+                sha256 = hub.digest(content, "sha256")
                 headers |= {"ETag": f'"{sha256}"', "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(content))}
             else:
-                headers["ETag"] = f'"{git_blob_sha(content)}"'
+                headers["ETag"] = f'"{hub.digest(content, "git")}"'
             if hub.cdn_links and filename.endswith(LFS_SUFFIXES):
                 oid = headers["ETag"].strip('"')
                 with hub._lock:
@@ -568,13 +578,6 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
 
     return Handler
-
-
-def _tree_entry(name: str, content: bytes) -> dict[str, object]:
-    entry: dict[str, object] = {"type": "file", "path": name, "size": len(content), "oid": git_blob_sha(content)}
-    if name.endswith(LFS_SUFFIXES):
-        entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
-    return entry
 
 
 def point_client_at(server: FakeHub, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
