@@ -159,3 +159,15 @@ def test_a_resolved_storage_link_is_reused_and_resolved_again_when_it_expires(hu
     assert resolves(hub) == 2  # refused (403): resolved again, once, and read from the new link
     assert shard.read(100_000, 1000) == CONTENT[100_000:101_000]
     assert resolves(hub) == 2 and not hub.file_gets(NAME)
+
+
+def test_a_link_refused_even_after_resolving_again_falls_back_to_the_resolve_url(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+    hub.cdn_links = True
+    meta = get_hf_file_metadata(hf_hub_url("org/base", NAME, revision=hub.commit, endpoint=constants.ENDPOINT))
+    shard = remote.RemoteShard(tmp_path / NAME, "org/base", NAME, hub.commit, len(CONTENT), meta.location)
+    hub.expire_links()
+    monkeypatch.setattr(remote.RemoteShard, "_relocate", lambda self: False)  # resolving again gave the same link
+    assert shard.read(1000, 20_000) == CONTENT[1000:21_000]
+    assert shard.location is None and len(hub.file_gets(NAME)) == 1  # through resolve, its redirect followed

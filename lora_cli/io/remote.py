@@ -181,14 +181,20 @@ class RemoteShard:
             except Exception as exc:
                 if (
                     isinstance(exc, HfHubHTTPError)
-                    and not relocated
                     and self.location not in (None, resolve)
                     and _status(exc) in (401, 403, 404, 410)
                 ):
-                    # The reused link was refused (a signed link expires): resolve the file again, once.
-                    relocated = True
-                    if self._relocate():
-                        continue
+                    # The reused link was refused (a signed link expires): resolve the file again, once; refused
+                    # again, go back to the resolve URL with the token, its redirect followed for every range.
+                    if not relocated:
+                        relocated = True
+                        try:
+                            if self._relocate():
+                                continue
+                        except Exception as again:
+                            raise _map_error(again, self.where) from again
+                    self.location = None
+                    continue
                 if not _transient(exc):
                     raise _map_error(exc, self.where) from exc
                 failures = 0 if progressed else failures + 1
