@@ -66,9 +66,11 @@ def test_adjacent_ranges_share_blocks_and_every_byte_arrives_once(hub, tmp_path)
         got = read_all(shard, ranges)
         assert ahead._held == 0  # every block consumed, so dropped
     assert got == [CONTENT[o : o + n] for o, n in ranges]
-    # 201 ranges over 250,000 adjacent bytes: 16 block requests, not 201; together they cover the bytes exactly.
+    # 201 ranges over 250,000 adjacent bytes: 17 requests, not 201 (the norms 32 to a block, the weight in blocks
+    # of its own: 7 + 10); together they cover the bytes exactly.
     asked = sorted(spans(hub))
-    assert len(asked) == -(-250_000 // BLOCK) == 16
+    assert len(asked) == -(-200 // (BLOCK // 500)) + -(-150_000 // BLOCK) == 17
+    assert (101_000, 101_000 + BLOCK - 1) in asked  # the weight's first block starts where the weight does
     assert asked[0][0] == 1000 and asked[-1][1] == 251_000 - 1
     assert all(b[0] == a[1] + 1 for a, b in pairwise(asked))
 
@@ -171,3 +173,15 @@ def test_a_link_refused_even_after_resolving_again_falls_back_to_the_resolve_url
     monkeypatch.setattr(remote.RemoteShard, "_relocate", lambda self: False)  # resolving again gave the same link
     assert shard.read(1000, 20_000) == CONTENT[1000:21_000]
     assert shard.location is None and len(hub.file_gets(NAME)) == 1  # through resolve, its redirect followed
+
+
+def test_a_reader_ahead_of_the_window_gets_its_blocks_in_parallel(hub, tmp_path):
+    """The read stage runs ahead of the write stage; the blocks it asks for itself come several at a time."""
+    shard = shard_on(hub, tmp_path)
+    hub.latency_s = 0.3  # each GET waits: eight blocks one after another would take 2.4 s, four at a time 0.6 s
+    with remote.RemoteReadAhead([(shard, 0, 8 * BLOCK), (shard, 8 * BLOCK, 8 * BLOCK)], window=BLOCK, block=BLOCK):
+        began = time.monotonic()
+        assert shard.read(8 * BLOCK, 8 * BLOCK) == CONTENT[8 * BLOCK : 16 * BLOCK]  # past the one-block window
+        seconds = time.monotonic() - began
+        assert shard.read(0, 8 * BLOCK) == CONTENT[: 8 * BLOCK]
+    assert seconds < 1.6, seconds

@@ -244,31 +244,43 @@ class RemoteReadAhead:
         requests: int = READ_AHEAD_REQUESTS,
     ) -> None:
         self.window = window
-        self._blocks: list[_Block] = []
-        self._starts: dict[RemoteShard, list[int]] = {}  # each shard's block starts, sorted, for lookup
-        self._by_shard: dict[RemoteShard, list[_Block]] = {}
-        spans: list[list] = []  # [shard, start, end]: runs of adjacent ranges
+        self._by_shard: dict[RemoteShard, list[_Block]] = {}  # each shard's blocks by offset, for lookup
+        # Small ranges back to back are packed into one block (one request for many norms); a large range gets
+        # blocks of its own, so that a block never waits on a reader of another range: the read stage consumes
+        # the edited tensors while the write stage, some tensors behind, copies the untouched ones.
+        packs: list[list] = []  # [shard, start, end, packable]
         for shard, offset, nbytes in ranges:
             if nbytes <= 0:
                 continue
-            if spans and spans[-1][0] is shard and spans[-1][2] == offset:
-                spans[-1][2] += nbytes
+            last = packs[-1] if packs else None
+            if (
+                nbytes < block
+                and last
+                and last[3]
+                and last[0] is shard
+                and last[2] == offset
+                and last[2] - last[1] + nbytes <= block
+            ):
+                last[2] += nbytes
+            elif nbytes < block:
+                packs.append([shard, offset, offset + nbytes, True])
             else:
-                spans.append([shard, offset, offset + nbytes])
-        for shard, start, end in spans:
-            owned = self._by_shard.setdefault(shard, [])
-            if any(b.start < end and start < b.end for b in owned):
-                continue  # bytes already planned: a second reading of them goes to the network directly
-            for begin in range(start, end, block):
-                owned.append(_Block(shard, begin, min(begin + block, end)))
-                self._blocks.append(owned[-1])
-        for shard, owned in self._by_shard.items():
-            owned.sort(key=lambda b: b.start)
-            self._starts[shard] = [b.start for b in owned]
+                stop = offset + nbytes
+                packs.extend([shard, b, min(b + block, stop), False] for b in range(offset, stop, block))
+        blocks = [_Block(shard, start, end) for shard, start, end, _ in packs]
+        for block_ in sorted(blocks, key=lambda b: (id(b.shard), b.start)):
+            owned = self._by_shard.setdefault(block_.shard, [])
+            if owned and block_.start < owned[-1].end:
+                block_.released = True  # bytes planned twice: a second reading of them goes to the network
+                continue
+            owned.append(block_)
+        self._blocks = [b for b in blocks if not b.released]
+        self._starts = {shard: [b.start for b in owned] for shard, owned in self._by_shard.items()}
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
         self._held = 0  # bytes of blocks fetched or in flight, not yet consumed
         self._next = 0  # the next block to ask for, in reading order
+        self._requests = requests
         self._pool = ThreadPoolExecutor(max_workers=requests, thread_name_prefix="loractl-remote")
         for shard in self._by_shard:
             shard._ahead = self
@@ -315,7 +327,10 @@ class RemoteReadAhead:
             with self._lock:
                 block, until = self._find(shard, position)
                 if block is not None and block.future is None:
-                    self._submit(block)  # wanted before the window reached it: asked for now
+                    # Wanted before the window reached it (a reader ahead of a slower one): asked for now, with
+                    # the next blocks of this read, so that they too arrive in parallel.
+                    self._submit(block)
+                    self._submit_within(shard, block.end, end)
             if block is None:
                 stop = min(end, until)
                 yield from shard.fetch(position, stop - position)
@@ -327,6 +342,18 @@ class RemoteReadAhead:
             yield memoryview(data)[position - block.start : stop - block.start]
             self._consumed(block, stop - position)
             position = stop
+
+    def _submit_within(self, shard: RemoteShard, position: int, end: int) -> None:
+        """Ask for the blocks of [position, end) not asked for yet, up to one per request slot (the lock is held)."""
+        for _ in range(self._requests - 1):
+            if position >= end:
+                return
+            block, until = self._find(shard, position)
+            if block is None:
+                return
+            if block.future is None:
+                self._submit(block)
+            position = until
 
     def _consumed(self, block: _Block, nbytes: int) -> None:
         with self._lock:
