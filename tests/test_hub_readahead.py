@@ -185,3 +185,25 @@ def test_a_reader_ahead_of_the_window_gets_its_blocks_in_parallel(hub, tmp_path)
         seconds = time.monotonic() - began
         assert shard.read(0, 8 * BLOCK) == CONTENT[: 8 * BLOCK]
     assert seconds < 1.6, seconds
+
+
+def test_the_same_bytes_planned_twice_and_read_at_once_stay_right(hub, tmp_path):
+    """A tied weight can be read by two stages at once: a block's buffer is reused only when no read holds it."""
+    shard = shard_on(hub, tmp_path)
+    size = 6 * BLOCK
+    for _ in range(3):
+        results: list[bytes] = []
+
+        def reader(results: list[bytes] = results) -> None:
+            results.append(shard.read(0, size))
+
+        planned = [(shard, 0, size), (shard, 0, size), (shard, size, size)]
+        with remote.RemoteReadAhead(planned, window=2 * BLOCK, block=BLOCK) as ahead:
+            threads = [threading.Thread(target=reader) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert shard.read(size, size) == CONTENT[size : 2 * size]  # on through reused buffers
+            assert ahead._held == 0
+        assert results == [CONTENT[:size]] * 2

@@ -219,7 +219,7 @@ class RemoteShard:
 class _Block:
     """Bytes [start, end) of one shard, fetched by one range request; dropped once every byte was consumed."""
 
-    __slots__ = ("end", "future", "pooled", "released", "remaining", "shard", "start")
+    __slots__ = ("end", "future", "pooled", "readers", "released", "remaining", "shard", "start")
 
     def __init__(self, shard: RemoteShard, start: int, end: int, pooled: bool = False) -> None:
         self.shard, self.start, self.end = shard, start, end
@@ -227,6 +227,7 @@ class _Block:
         self.remaining = end - start
         self.future: Future[bytearray] | None = None
         self.released = False
+        self.readers = 0  # reads holding a view of its bytes now: its buffer is reused only once none does
 
 
 class RemoteReadAhead:
@@ -339,6 +340,8 @@ class RemoteReadAhead:
                     # the next blocks of this read, so that they too arrive in parallel.
                     self._submit(block)
                     self._submit_within(shard, block.end, end)
+                if block is not None:
+                    block.readers += 1
             if block is None:
                 stop = min(end, until)
                 yield from shard.fetch(position, stop - position)
@@ -364,17 +367,20 @@ class RemoteReadAhead:
             position = until
 
     def _consumed(self, block: _Block, nbytes: int) -> None:
+        """A read is done with `nbytes` of `block` (it asked for its next piece); the last byte releases it."""
         with self._lock:
+            block.readers -= 1
             block.remaining -= nbytes
             if block.remaining <= 0 and not block.released:
-                if block.pooled and block.future is not None and block.future.done() and not block.future.exception():
-                    # Its one reader is done with it (it asked for the next piece): the buffer serves another block.
-                    # Reused, not freed: 8 MiB buffers freed by one thread and allocated by another left the
-                    # allocator's arenas holding well over the window (measured: +140 MiB on the 1.1B merge).
-                    self._spare.append(block.future.result())
-                block.released, block.future = True, None
+                block.released = True  # found no more: a later reading of its bytes goes to the network
                 self._held -= block.end - block.start
                 self._top_up()
+            if block.released and block.readers == 0 and block.future is not None:
+                future, block.future = block.future, None
+                if block.pooled and future.done() and future.exception() is None:
+                    # Reused, not freed: 8 MiB buffers freed by one thread and allocated by another left the
+                    # allocator's arenas holding well over the window (measured: +140 MiB on the 1.1B merge).
+                    self._spare.append(future.result())
 
     def close(self) -> None:
         """Stop fetching (requests in flight stop at their next piece) and let go of the shards."""
