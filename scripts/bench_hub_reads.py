@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         child.stdin.close()
         child.wait(timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     print("| method | MB read | requests | seconds | MB/s | ms/request |")
