@@ -143,7 +143,8 @@ def _stream_model(repo_id: str, revision: str | None) -> Path:
         if isinstance(try_to_load_from_cache(repo_id, name, revision=commit), str):
             continue  # complete in the cache: read from there
         meta = get_hf_file_metadata(hf_hub_url(repo_id, name, revision=commit, endpoint=constants.ENDPOINT))
-        register(RemoteShard(folder / name, repo_id, name, commit, int(meta.size or 0)))
+        # Resolved once here: every range goes to `meta.location` (on the Hub, the redirect's signed CDN link).
+        register(RemoteShard(folder / name, repo_id, name, commit, int(meta.size or 0), meta.location))
     return folder
 
 

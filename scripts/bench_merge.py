@@ -14,6 +14,7 @@ Examples::
     python scripts/bench_merge.py --size 7b --device both --workdir /data/bench --keep --json 7b.json
     python scripts/bench_merge.py --size 1b --base-format nf4 --markdown  # a QLoRA base, written dequantized
     python scripts/bench_merge.py --size tiny --hub --skip-peft --device cpu   # base served by a local fake Hub
+    python scripts/bench_merge.py --size 1b --hub --hub-latency-ms 50 --skip-peft --device cpu  # a far-away Hub
 
 ``--hub`` serves the synthetic base from the fake Hub of ``tests/hub_server.py`` (127.0.0.1, in this process,
 files held in memory: keep to tiny or 1b) and adds ``loractl-hub-stream`` (the base streamed by range, an empty
@@ -99,12 +100,14 @@ class DiskSampler(threading.Thread):
         return self.peak
 
 
-def start_fake_hub(base: Path) -> Any:
-    """The fake Hub of tests/hub_server.py serving `base` as bench/base, with a token that may push."""
+def start_fake_hub(base: Path, latency_ms: float = 0.0) -> Any:
+    """The fake Hub of tests/hub_server.py serving `base` as bench/base, with a token that may push; each file GET
+    waits `latency_ms` first (a Hub far away: what reading ahead, several requests at once, is for)."""
     sys.path.insert(0, str(REPO_ROOT))
     from tests.hub_server import FakeHub
 
     hub = FakeHub()
+    hub.latency_s = latency_ms / 1000
     hub.write_tokens.add("bench-token")
     hub.add_repo("bench/base", {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()})
     hub.start()
@@ -730,6 +733,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, metavar="PATH", help="also write all results as JSON to PATH")
     p.add_argument("--strict", action="store_true", help="exit 1 if any target FAILs")
     p.add_argument("--hub", action="store_true", help="also merge from (and push to) a local fake Hub; see above")
+    p.add_argument(
+        "--hub-latency-ms", type=float, default=0.0, help="with --hub: the server waits this long before each file GET"
+    )
     args = p.parse_args(argv)
     if args.layers_mult < 1 or args.repeats < 1:
         p.error("--layers-mult and --repeats must be >= 1")
@@ -882,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
             floor, base = base, quantized_base(workdir, base, args)
         methods = build_methods(base, adapter, devices, args, floor)
         if args.hub:
-            hub = start_fake_hub(base)
+            hub = start_fake_hub(base, args.hub_latency_ms)
             methods += hub_methods(hub.url, adapter, workdir, args)
         results, check = run_all(methods, base, adapter, workdir, shape, args)
         ckpt_bytes = synthetic.checkpoint_bytes(floor or base)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ _RESOLVE_RE = re.compile(r"^/(?P<repo>[^/]+(?:/[^/]+)?)/resolve/(?P<rev>[^/]+)/(
 _WRITE_RE = re.compile(r"^/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<what>preupload|commit|branch)/(?P<rev>.+)$")
 _PATHS_INFO_RE = re.compile(r"^/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/paths-info/(?P<rev>[^/]+)$")
 _BATCH_RE = re.compile(r"^/(?P<repo>[^/]+(?:/[^/]+)?)\.git/info/lfs/objects/batch$")
+_CDN_RE = re.compile(r"^/lfs-cdn/(?P<oid>[0-9a-f]{64})$")
 _LFS_PUT_RE = re.compile(r"^/lfs-storage/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<oid>[0-9a-f]{64})$")
 
 
@@ -80,7 +82,17 @@ class FakeHub:
         self.uploads_held = threading.Event()  # set when a PUT is being held
         self._release = threading.Event()
         self.requests: list[Request] = []
+        self.latency_s = 0.0  # each file GET waits this long before answering: a round trip to a distant Hub
+        # As the Hub does for LFS files: resolve answers 302 to a signed storage link (here /lfs-cdn/OID?link=N,
+        # same host), valid until `expire_links()` moves the generation on.
+        self.cdn_links = False
+        self.link_generation = 0
+        self.expire_links_at: int | None = None  # links expire (once) when this many storage GETs have come in
+        self._cdn: dict[str, tuple[str, str, bytes]] = {}  # oid -> (repo, file, content) of links handed out
         self._cuts: dict[tuple[str, str], list[int]] = {}
+        # (id, kind) -> (content, digest): each file hashed once, not per request (the content is held, so its id
+        # is never reused while cached).
+        self._digests: dict[tuple[int, str], tuple[bytes, str]] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -101,12 +113,23 @@ class FakeHub:
             sha = hashlib.sha1(f"{repo_id}@{name}".encode() + json.dumps(sorted(content)).encode()).hexdigest()
             repo.commits[sha] = dict(content)
             repo.branches[name] = sha
+            for filename, data in content.items():  # hashed now, not inside the first request for the file
+                self._tree_entry(filename, data)
         self.repos[repo_id] = repo
         return dict(repo.branches)
 
     def interrupt(self, repo_id: str, filename: str, cuts: list[int]) -> None:
         """Make the next len(cuts) GETs of a file drop the connection after sending cuts[i] body bytes."""
         self._cuts[(repo_id, filename)] = list(cuts)
+
+    def expire_links(self) -> None:
+        """Every storage link handed out so far is refused from now on (403, as an expired signed URL)."""
+        with self._lock:
+            self.link_generation += 1
+
+    def cdn_gets(self) -> list[Request]:
+        """The GETs of storage links (range reads that reused a resolved location)."""
+        return [r for r in self.requests if r.method == "GET" and r.path.startswith("/lfs-cdn/")]
 
     def release_uploads(self) -> None:
         self.hold_uploads_after = None
@@ -165,6 +188,26 @@ class FakeHub:
         with self._lock:
             self.requests.append(request)
 
+    def digest(self, content: bytes, kind: str) -> str:
+        """The file's "sha256" (its LFS oid) or "git" blob id, computed once: hashing a 1 GB shard for every range
+        request or listing took about a second each time (what made the streamed benchmark slow)."""
+        key = (id(content), kind)
+        with self._lock:
+            found = self._digests.get(key)
+        if found is None:
+            value = hashlib.sha256(content).hexdigest() if kind == "sha256" else git_blob_sha(content)
+            found = (content, value)
+            with self._lock:
+                self._digests[key] = found
+        return found[1]
+
+    def _tree_entry(self, name: str, content: bytes) -> dict[str, object]:
+        entry: dict[str, object] = {"type": "file", "path": name, "size": len(content)}
+        entry["oid"] = self.digest(content, "git")
+        if name.endswith(LFS_SUFFIXES):
+            entry["lfs"] = {"oid": self.digest(content, "sha256"), "size": len(content), "pointerSize": 134}
+        return entry
+
     def _next_cut(self, repo_id: str, filename: str) -> int | None:
         with self._lock:
             cuts = self._cuts.get((repo_id, filename))
@@ -182,6 +225,9 @@ def git_blob_sha(content: bytes) -> str:
 def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and a small body go out as two writes: with Nagle on, the body waits for the client's delayed
+        # ACK of the headers, about 40 ms a request.
+        disable_nagle_algorithm = True
 
         def log_message(self, format: str, *args: object) -> None:  # keep test output clean
             pass
@@ -315,7 +361,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return
             repo, commit = found
             files = repo.commits[commit]
-            self._json(200, [_tree_entry(path, files[path]) for path in paths if path in files])
+            self._json(200, [hub._tree_entry(path, files[path]) for path in paths if path in files])
 
         def _preupload(self, repo_id: str, revision: str, payload: dict) -> None:
             repo = self._writable_repo(repo_id)
@@ -326,7 +372,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             for entry in payload["files"]:
                 lfs = entry["path"].endswith(LFS_SUFFIXES)
                 old = current.get(entry["path"])
-                oid = None if old is None else hashlib.sha256(old).hexdigest() if lfs else git_blob_sha(old)
+                oid = None if old is None else hub.digest(old, "sha256" if lfs else "git")
                 files.append(
                     {
                         "path": entry["path"],
@@ -402,6 +448,8 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._api(unquote(m["repo"]), m["rev"] or m["tree_rev"], tree=m["tree_rev"] is not None)
             elif m := _RESOLVE_RE.match(path):
                 self._resolve(unquote(m["repo"]), unquote(m["rev"]), unquote(m["file"]), head=head)
+            elif m := _CDN_RE.match(path):
+                self._storage(m["oid"], parse_qs(urlsplit(self.path).query).get("link", [""])[0], head=head)
             else:
                 self._error(404, "Not Found")
 
@@ -439,7 +487,7 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             repo, commit = found
             files = repo.commits[commit]
             if tree:
-                body: object = [_tree_entry(name, content) for name, content in sorted(files.items())]
+                body: object = [hub._tree_entry(name, content) for name, content in sorted(files.items())]
             else:
                 body = {
                     "id": repo_id,
@@ -462,10 +510,35 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return
             headers = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
             if filename.endswith(LFS_SUFFIXES):
-                sha256 = hashlib.sha256(content).hexdigest()
+                sha256 = hub.digest(content, "sha256")
                 headers |= {"ETag": f'"{sha256}"', "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(content))}
             else:
-                headers["ETag"] = f'"{git_blob_sha(content)}"'
+                headers["ETag"] = f'"{hub.digest(content, "git")}"'
+            if hub.cdn_links and filename.endswith(LFS_SUFFIXES):
+                oid = headers["ETag"].strip('"')
+                with hub._lock:
+                    hub._cdn[oid] = (repo_id, filename, content)
+                    link = f"{hub.url}/lfs-cdn/{oid}?link={hub.link_generation}"
+                self._send(302, b"", headers | {"Location": link})
+                return
+            self._serve(repo_id, filename, content, headers, head=head)
+
+        def _storage(self, oid: str, link: str, *, head: bool) -> None:
+            """A storage link handed out by `_resolve`: no token needed, refused once expired."""
+            with hub._lock:
+                if hub.expire_links_at is not None and len(hub.cdn_gets()) >= hub.expire_links_at:
+                    hub.expire_links_at, hub.link_generation = None, hub.link_generation + 1
+                found = hub._cdn.get(oid)
+                valid = link == str(hub.link_generation)
+            if found is None or not valid:
+                self._send(403, b"Request has expired", {"Content-Type": "text/plain"})
+                return
+            repo_id, filename, content = found
+            headers = {"ETag": f'"{oid}"', "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+            self._serve(repo_id, filename, content, headers, head=head)
+
+        def _serve(self, repo_id: str, filename: str, content: bytes, headers: dict[str, str], *, head: bool) -> None:
+            """A file's bytes, whole or the `Range` asked for; dropped midway where the test said so."""
             start, status = 0, 200
             ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
             if ranged and not head:
@@ -475,10 +548,13 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     self._error(416, "Range Not Satisfiable", extra={"Content-Range": f"bytes */{len(content)}"})
                     return
                 headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
-                content, status = content[start : end + 1], 206
+                # A view, not a copy: a range of a 1 GB shard is sent straight from the file's bytes.
+                content, status = memoryview(content)[start : end + 1], 206
             if head:
                 self._send(200, b"", headers, length=len(content))
                 return
+            if hub.latency_s:
+                time.sleep(hub.latency_s)
             cut = hub._next_cut(repo_id, filename)
             if cut is None or cut >= len(content):
                 self._send(status, content, headers)
@@ -497,7 +573,9 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 headers["X-Error-Code"] = code
             self._send(status, json.dumps({"error": message}).encode(), headers)
 
-        def _send(self, status: int, body: bytes, headers: dict[str, str], *, length: int | None = None) -> None:
+        def _send(
+            self, status: int, body: bytes | memoryview, headers: dict[str, str], *, length: int | None = None
+        ) -> None:
             self.send_response(status)
             for key, value in headers.items():
                 self.send_header(key, value)
@@ -508,13 +586,6 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.wfile.flush()
 
     return Handler
-
-
-def _tree_entry(name: str, content: bytes) -> dict[str, object]:
-    entry: dict[str, object] = {"type": "file", "path": name, "size": len(content), "oid": git_blob_sha(content)}
-    if name.endswith(LFS_SUFFIXES):
-        entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
-    return entry
 
 
 def point_client_at(server: FakeHub, home: Path, monkeypatch: pytest.MonkeyPatch) -> None:

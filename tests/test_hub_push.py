@@ -145,6 +145,25 @@ def test_dropped_range_request_is_resumed_from_the_byte_it_stopped_at(hub, pair,
     assert (tmp_path / "out" / name).read_bytes() == (local / name).read_bytes()
 
 
+def test_streamed_shards_are_resolved_once_and_read_from_their_storage_links(hub, pair, tmp_path, monkeypatch):
+    """As on the Hub: resolve answers 302 to a signed storage link; the ranges go to the link, and a link that
+    expires mid-merge (403) is resolved again."""
+    _, lora, local = pair
+    hub.cdn_links = True
+    hub.expire_links_at = 8  # headers take two reads a shard (six), so the links expire among the tensor reads
+    commit = hub.repos["org/base"].branches["main"]
+    done = invoke("merge", "org/base", lora, tmp_path / "out", token=READ, monkeypatch=monkeypatch)
+    assert done.exit_code == 0, done.output
+    resolved = {}
+    for name in shards(local):
+        assert (tmp_path / "out" / name).read_bytes() == (local / name).read_bytes()
+        assert not hub.file_gets(name)  # no range went through resolve
+        resolved[name] = sum(r.method == "HEAD" and r.path.endswith(f"/resolve/{commit}/{name}") for r in hub.requests)
+    # Once each, and once more for the links refused after they expired; at least one was.
+    assert all(1 <= n <= 2 for n in resolved.values()) and sum(resolved.values()) > 3, resolved
+    assert len(hub.cdn_gets()) >= 9 and hub.link_generation == 1
+
+
 def test_connection_that_keeps_dropping_fails_cleanly_naming_the_file(hub, pair, tmp_path, monkeypatch):
     _, lora, local = pair
     name = shards(local)[1]

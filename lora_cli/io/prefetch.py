@@ -4,6 +4,8 @@ The pipeline reads one tensor at a time (and copies untouched ones with copy_fil
 that is not in the page cache each read waits for the disk with a shallow queue, and the disk idles while a
 tensor is computed. `posix_fadvise(WILLNEED)` starts the reads of the next ranges in the background, into the
 page cache (file-backed memory, reclaimable: no anonymous memory is added). On a cached input it is a lookup.
+A shard streamed from the Hub has no page cache to warm: its ranges go to `RemoteReadAhead` (lora_cli/io/remote.py),
+which fetches them a bounded window ahead of the readers, several requests at once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lora_cli.io.files import SourceFile
+from lora_cli.io.remote import RemoteReadAhead, RemoteShard, remote_shard
 
 # How far ahead of the reader the kernel is asked to read, and the largest single request (a long run of
 # untouched tensors is one range; asked for in pieces, the window moves smoothly).
@@ -26,11 +29,20 @@ class Prefetcher:
     by one background thread. A no-op where the OS has no posix_fadvise."""
 
     def __init__(self, ranges: list[tuple[SourceFile | Path, int, int]], window: int = PREFETCH_WINDOW) -> None:
+        streamed: list[tuple[RemoteShard, int, int]] = []
+        local: list[tuple[SourceFile | Path, int, int]] = []
+        for source, offset, nbytes in ranges:
+            shard = None if isinstance(source, SourceFile) else remote_shard(source)
+            if shard is not None:
+                streamed.append((shard, offset, nbytes))
+            local.append((source, offset, nbytes if shard is None else 0))  # indices stay those of `ranges`
+        # Started now: the first blocks are on their way before the pipeline asks for them.
+        self.remote = RemoteReadAhead(streamed) if streamed else None
         self.pieces: list[tuple[SourceFile | Path, int, int]] = []
         self.first_piece: list[int] = []  # index of each range's first piece
         self.starts: list[int] = []  # bytes of input before each piece
         total = 0
-        for path, offset, nbytes in ranges:
+        for path, offset, nbytes in local:
             self.first_piece.append(len(self.pieces))
             for begin in range(offset, offset + nbytes, PREFETCH_PIECE):
                 size = min(PREFETCH_PIECE, offset + nbytes - begin)
@@ -67,6 +79,9 @@ class Prefetcher:
             os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
