@@ -83,6 +83,8 @@ class FakeHub:
         self._release = threading.Event()
         self.requests: list[Request] = []
         self.latency_s = 0.0  # each file GET waits this long before answering: a round trip to a distant Hub
+        self.most_in_flight = 0  # the most file GETs waiting out `latency_s` at once: requests made in parallel
+        self._waiting = 0
         # As the Hub does for LFS files: resolve answers 302 to a signed storage link (here /lfs-cdn/OID?link=N,
         # same host), valid until `expire_links()` moves the generation on.
         self.cdn_links = False
@@ -554,7 +556,12 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._send(200, b"", headers, length=len(content))
                 return
             if hub.latency_s:
+                with hub._lock:
+                    hub._waiting += 1
+                    hub.most_in_flight = max(hub.most_in_flight, hub._waiting)
                 time.sleep(hub.latency_s)
+                with hub._lock:
+                    hub._waiting -= 1
             cut = hub._next_cut(repo_id, filename)
             if cut is None or cut >= len(content):
                 self._send(status, content, headers)

@@ -178,13 +178,11 @@ def test_a_link_refused_even_after_resolving_again_falls_back_to_the_resolve_url
 def test_a_reader_ahead_of_the_window_gets_its_blocks_in_parallel(hub, tmp_path):
     """The read stage runs ahead of the write stage; the blocks it asks for itself come several at a time."""
     shard = shard_on(hub, tmp_path)
-    hub.latency_s = 0.3  # each GET waits: eight blocks one after another would take 2.4 s, four at a time 0.6 s
+    hub.latency_s = 0.3  # each GET waits, so that requests made in parallel are seen waiting together
     with remote.RemoteReadAhead([(shard, 0, 8 * BLOCK), (shard, 8 * BLOCK, 8 * BLOCK)], window=BLOCK, block=BLOCK):
-        began = time.monotonic()
         assert shard.read(8 * BLOCK, 8 * BLOCK) == CONTENT[8 * BLOCK : 16 * BLOCK]  # past the one-block window
-        seconds = time.monotonic() - began
         assert shard.read(0, 8 * BLOCK) == CONTENT[: 8 * BLOCK]
-    assert seconds < 1.6, seconds
+    assert hub.most_in_flight >= 2  # one request after another (requests=1) gives 1
 
 
 def test_the_same_bytes_planned_twice_and_read_at_once_stay_right(hub, tmp_path):
