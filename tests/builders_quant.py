@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -327,3 +328,19 @@ def write_gpt_oss_mxfp4(template: Path, out: Path) -> Path:
     config = json.loads((template / "config.json").read_text())
     config["quantization_config"] = GPT_OSS_MXFP4
     return write_checkpoint(out, [weights, scales], config)
+
+
+def merge_warnings(base: Path, adapter: Path, out: Path, named_base: str) -> list[str]:
+    """The warnings of `loractl merge --json` for a copy of `adapter` whose config names `named_base`."""
+    from typer.testing import CliRunner
+
+    from lora_cli.cli.app import app
+
+    lora = out.with_name(out.name + "-lora")
+    shutil.copytree(adapter, lora)
+    config = json.loads((lora / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = named_base
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["merge", str(base), str(lora), str(out), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["warnings"]

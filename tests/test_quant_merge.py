@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
 from tests.builders import load_merged, peft_logits, peft_merged_state
-from tests.builders_quant import TARGETS, build_quant_bases, load_bnb, with_weights
+from tests.builders_quant import TARGETS, build_quant_bases, load_bnb, merge_warnings, with_weights
 
 runner = CliRunner()
 INPUTS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(7))
@@ -94,22 +94,12 @@ def test_missing_auxiliary_tensor_is_exit_2_naming_it(bases: dict, tmp_path: Pat
 
 
 def test_quantized_mismatch_is_warned_both_ways(bases: dict, tmp_path: Path) -> None:
-    from tests.test_cli_merge import copy_folder
-
-    lora = copy_folder(bases["lora"], tmp_path / "lora")
-    config = json.loads((lora / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = "unsloth/tiny-llama-bnb-4bit"
-    (lora / "adapter_config.json").write_text(json.dumps(config))
-    result = invoke("merge", bases["bf16"], lora, tmp_path / "a", "--device", "cpu", "--json")
-    assert result.exit_code == 0, result.output
-    warnings = json.loads(result.stdout)["warnings"]
+    quantized_name, plain_name = "unsloth/tiny-llama-bnb-4bit", "meta-llama/Tiny-Llama"
+    warnings = merge_warnings(bases["bf16"], bases["lora"], tmp_path / "a", quantized_name)
     assert any("a quantized model, but the base given is not quantized" in w for w in warnings), warnings
-    result = invoke("merge", bases["nf4"], lora, tmp_path / "b", "--device", "cpu", "--json")
-    assert not any("quantized model" in w for w in json.loads(result.stdout)["warnings"])
-    config["base_model_name_or_path"] = "meta-llama/Tiny-Llama"
-    (lora / "adapter_config.json").write_text(json.dumps(config))
-    result = invoke("merge", bases["nf4"], lora, tmp_path / "c", "--device", "cpu", "--json")
-    warnings = json.loads(result.stdout)["warnings"]
+    warnings = merge_warnings(bases["nf4"], bases["lora"], tmp_path / "b", quantized_name)
+    assert not any("quantized model" in w for w in warnings), warnings
+    warnings = merge_warnings(bases["nf4"], bases["lora"], tmp_path / "c", plain_name)
     assert any("names no quantized model, but the base given is quantized (bitsandbytes)" in w for w in warnings)
 
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from lora_cli.cli.app import app
 from tests.builders import load_merged, logits_of, make_adapter, peft_logits
-from tests.builders_quant import E2M1, pack_mxfp4, write_gpt_oss_mxfp4
+from tests.builders_quant import E2M1, merge_warnings, pack_mxfp4, write_gpt_oss_mxfp4
 
 runner = CliRunner()
 INPUTS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))
@@ -198,14 +198,7 @@ def test_missing_scales_are_named(bases: dict, tmp_path: Path) -> None:
 
 def test_adapter_trained_elsewhere_is_still_warned(bases: dict, tmp_path: Path) -> None:
     """Named after another (unquantized) base, an adapter merged onto the MXFP4 one still gets the warning."""
-    lora = tmp_path / "lora"
-    shutil.copytree(bases["attention"], lora)
-    config = json.loads((lora / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = "unsloth/gpt-oss-20b-BF16"
-    (lora / "adapter_config.json").write_text(json.dumps(config))
-    result = invoke("merge", bases["mxfp4"], lora, tmp_path / "out", "--device", "cpu", "--json")
-    assert result.exit_code == 0, result.output
-    warnings = json.loads(result.stdout)["warnings"]
+    warnings = merge_warnings(bases["mxfp4"], bases["attention"], tmp_path / "out", "unsloth/gpt-oss-20b-BF16")
     assert any("names no quantized model, but the base given is quantized (mxfp4)" in w for w in warnings), warnings
 
 
