@@ -344,3 +344,35 @@ def test_what_the_files_cannot_tell_is_refused_by_name(tmp_path, name):
     with pytest.raises(error, match=message):
         merge(local_source(tmp_path / "base"), [AdapterSpec(local_source(tmp_path / "adapter"))], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("corruption", ["index_too_large", "negative_index", "size_wrong", "indices_one_row"])
+def test_a_corrupt_frod_sparse_matrix_is_one_line_exit_2(tmp_path: Path, corruption: str) -> None:
+    """FRoD's sparse part is rebuilt by torch.sparse_coo_tensor, which raises RuntimeError on bad indices: each
+    broken file is refused naming it before that (exit 3 was the result)."""
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from lora_cli.cli.app import app
+
+    _, _, _, base_dir, adapter_dir = run_case(tmp_path, "frod", torch.float32)
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    for key, value in list(tensors.items()):
+        if "frod_s_indices" in key:
+            value = value.clone()
+            if corruption == "index_too_large":
+                value[0, 0] = 10**6
+            elif corruption == "negative_index":
+                value[1, 0] = -3
+            elif corruption == "indices_one_row":
+                value = value[:1]
+            tensors[key] = value
+        elif "frod_s_size" in key and corruption == "size_wrong":
+            tensors[key] = value * 3
+    save_file(tensors, adapter_dir / "adapter_model.safetensors")
+    out = tmp_path / "broken"
+    result = CliRunner().invoke(app, ["merge", str(base_dir), str(adapter_dir), str(out), "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "adapter" in lines[0] and "FRoD sparse" in lines[0], result.output
+    assert not out.exists()

@@ -18,7 +18,7 @@ import torch
 from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, Shape, TensorEdit
 from lora_cli.adapters.from_base import FromBaseEdit
 from lora_cli.adapters.params import missing_params, require
-from lora_cli.errors import UnsupportedAdapterError
+from lora_cli.errors import InputError, UnsupportedAdapterError
 
 SHARED = ("frod_V", "frod_s_indices", "frod_s_size")
 
@@ -66,6 +66,10 @@ class FrodEdit(FromBaseEdit):
         into = shape[0] if self.fan_in_fan_out else shape[-1]
         if len(shape) != 2 or v != (into, into) or lam != (into,):
             return f"{self.target}: FRoD V {v}, lambda_l {lam} vs base {tuple(shape)}"
+        indices, size = self.adapter.weights.shape(self.indices_key), self.adapter.weights.shape(self.size_key)
+        values = self.adapter.weights.shape(self.values)
+        if len(indices) != 2 or indices[0] != 2 or (indices[1],) != values or size != (2,):
+            return f"{self.target}: FRoD sparse indices {indices}, values {values}, size {size} do not fit together"
         return None
 
     def change(self, weight: torch.Tensor, ctx: EditContext) -> torch.Tensor:
@@ -85,6 +89,14 @@ class FrodEdit(FromBaseEdit):
         indices = ctx.load(self.indices_key).to(torch.long)
         size = tuple(int(dim) for dim in ctx.load(self.size_key).tolist())
         values = ctx.load(self.values).to(dtype)
+        square = (v_stored.shape[0], v_stored.shape[0])
+        inside = bool(((indices >= 0) & (indices < torch.tensor(size)[:, None])).all()) if size == square else False
+        if not inside:
+            raise InputError(
+                f"{self.target}: FRoD sparse matrix {list(size)} (expected {list(square)}) or indices outside it",
+                path=self.adapter.weights.path,
+                fix="the adapter file is corrupt; re-save it",
+            )
         s = torch.sparse_coo_tensor(indices, values, size, check_invariants=True).coalesce().to_dense()
         lam = torch.diag_embed(ctx.load(self.lambda_l).to(dtype))
         frod_weight = u @ (s + lam) @ v_stored.T
