@@ -90,13 +90,15 @@ class FrodEdit(FromBaseEdit):
         size = tuple(int(dim) for dim in ctx.load(self.size_key).tolist())
         values = ctx.load(self.values).to(dtype)
         square = (v_stored.shape[0], v_stored.shape[0])
-        inside = bool(((indices >= 0) & (indices < torch.tensor(size)[:, None])).all()) if size == square else False
-        if not inside:
-            raise InputError(
-                f"{self.target}: FRoD sparse matrix {list(size)} (expected {list(square)}) or indices outside it",
-                path=self.adapter.weights.path,
-                fix="the adapter file is corrupt; re-save it",
-            )
+        if size != square:
+            problem = f"FRoD sparse matrix of size {list(size)}, where the base needs {list(square)}"
+        elif not bool(((indices >= 0) & (indices < torch.tensor(size)[:, None])).all()):
+            problem = f"FRoD sparse indices outside its {list(size)} matrix"
+        else:
+            problem = None
+        if problem is not None:
+            fix = "the adapter file is corrupt; re-save it"
+            raise InputError(f"{self.target}: {problem}", path=self.adapter.weights.path, fix=fix)
         s = torch.sparse_coo_tensor(indices, values, size, check_invariants=True).coalesce().to_dense()
         lam = torch.diag_embed(ctx.load(self.lambda_l).to(dtype))
         frod_weight = u @ (s + lam) @ v_stored.T
