@@ -537,6 +537,11 @@ def diff(
         prefetch.close()
         for ring in rings:
             ring.close()
+    # A report over a file rewritten or replaced while it was read would describe neither version (io/files.py).
+    index_a.check_unchanged()
+    index_b.check_unchanged()
+    if adapters:
+        prepared.plan.check_inputs_unchanged()
     summary = {status: sum(r.status == status for r in records) for status in STATUSES}
     result = DiffResult(
         a=a.ref,

@@ -163,3 +163,31 @@ def test_an_infinity_is_close_only_to_itself(tmp_path: Path) -> None:
         assert record.status == status, (other, record)
         assert record.allclose is (status == "identical") == torch.allclose(a, b)
         assert record.max_abs_diff == (0.0 if status == "identical" else math.inf)  # not float32's largest
+
+
+@pytest.mark.parametrize("how", ["rewritten", "renamed_over"])
+def test_a_checkpoint_changed_while_diff_reads_it_is_refused(tmp_path: Path, how: str) -> None:
+    """As the merge does (io/files.py): reads go through the descriptor opened first, and before the report the
+    path must still name that same, unmodified file; else exit 2 naming it, not a report of neither version."""
+    from lora_cli.errors import InputError
+
+    a = _save(tmp_path / "a", {"x": torch.ones(8), "y": torch.zeros(8)})
+    b = _save(tmp_path / "b", {"x": torch.ones(8), "y": torch.ones(8)})
+    victim = b / "model.safetensors"
+    replacement = (a / "model.safetensors").read_bytes() + b" "  # another file: the size differs too
+    changed = []
+
+    def swap_once(_: int) -> None:
+        if changed:
+            return
+        changed.append(True)
+        if how == "renamed_over":
+            (b / "incoming").write_bytes(replacement)
+            (b / "incoming").rename(victim)
+        else:
+            with open(victim, "r+b") as handle:
+                handle.write(replacement)
+
+    with pytest.raises(InputError, match=r"(was modified|was replaced) while loractl was reading it") as error:
+        diff(local_source(a), local_source(b), progress=swap_once)
+    assert error.value.path == str(victim)
