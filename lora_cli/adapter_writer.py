@@ -113,6 +113,14 @@ class AdapterWriter:
         if not self._spill.closed:
             self._spill.close()
 
+    def __enter__(self) -> AdapterWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        # The folder is atomic_directory's to remove; an unfinished writer only closes its spill file.
+        if kind is not None:
+            self.abort()
+
 
 def module_names(paths: list[str], all_candidates: list[str]) -> list[str]:
     """`target_modules` for PEFT: the last name parts ("q_proj") when they pick exactly `paths` among

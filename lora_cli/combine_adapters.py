@@ -132,57 +132,52 @@ def combine_adapters(
 
     modules: list[CombinedModule] = []
     kept_sq = total_sq = 0.0
-    with atomic_directory(out, overwrite=options.overwrite) as tmp:
-        writer = AdapterWriter(tmp)
-        try:
-            for module in order:
-                present = [(i, found[module]) for i, found in enumerate(sources) if module in found]
-                layouts = {"linear" if s.layout == "formed" else s.layout for _, s in present}
-                if len(layouts) > 1:
-                    raise UnsupportedAdapterError(f"{module} is adapted as {' and '.join(sorted(layouts))}")
-                embedding = layouts == {"embedding"}
-                if combine is None:
-                    a_parts, b_parts = [], []
-                    for i, source in present:
-                        assert source.factors is not None
-                        a_key, b_key, scale, _ = source.factors
-                        ctx = EditContext(adapters[i], torch.device("cpu"))
-                        a_parts.append(ctx.load(a_key) * weights[i] * scale)  # PEFT's cat: the weight goes into A
-                        b_parts.append(ctx.load(b_key))
-                    a, b = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
-                    writer.add_lora(module, a.to(dtype), b.to(dtype), alpha=a.shape[0], embedding=embedding)
-                    modules.append(CombinedModule(module, len(present), int(a.shape[0]), None))
-                    continue
-                assert truncation is not None
-                deltas = [_delta(source, adapters[i]) for i, source in present]
-                combined = combine_deltas(
-                    deltas,
-                    [weights[i] for i, _ in present],
-                    combine,
-                    tensor=f"{module}.weight",
-                    positions=[i for i, _ in present],
-                    all_weights=weights,
-                )
-                del deltas
-                low = truncated_svd(combined, truncation, seed=tensor_seed(module))
-                norm_sq = float(torch.linalg.vector_norm(combined)) ** 2
-                kept_sq += norm_sq * low.energy_kept
-                total_sq += norm_sq
-                rank = int(low.a.shape[0])
-                writer.add_lora(module, low.a.to(dtype), low.b.to(dtype), alpha=rank, embedding=embedding)
-                modules.append(CombinedModule(module, len(present), rank, low.energy_kept))
-            config = lora_config(
-                writer.lora_modules,
-                target_modules=_target_modules(adapters, order),
-                modules_to_save=[],
-                base_model=adapters[0].config.get("base_model_name_or_path"),
-                fan_in_fan_out=bool(adapters[0].config.get("fan_in_fan_out")),
-                task_type=adapters[0].config.get("task_type"),
+    with atomic_directory(out, overwrite=options.overwrite) as tmp, AdapterWriter(tmp) as writer:
+        for module in order:
+            present = [(i, found[module]) for i, found in enumerate(sources) if module in found]
+            layouts = {"linear" if s.layout == "formed" else s.layout for _, s in present}
+            if len(layouts) > 1:
+                raise UnsupportedAdapterError(f"{module} is adapted as {' and '.join(sorted(layouts))}")
+            embedding = layouts == {"embedding"}
+            if combine is None:
+                a_parts, b_parts = [], []
+                for i, source in present:
+                    assert source.factors is not None
+                    a_key, b_key, scale, _ = source.factors
+                    ctx = EditContext(adapters[i], torch.device("cpu"))
+                    a_parts.append(ctx.load(a_key) * weights[i] * scale)  # PEFT's cat: the weight goes into A
+                    b_parts.append(ctx.load(b_key))
+                a, b = torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1)
+                writer.add_lora(module, a.to(dtype), b.to(dtype), alpha=a.shape[0], embedding=embedding)
+                modules.append(CombinedModule(module, len(present), int(a.shape[0]), None))
+                continue
+            assert truncation is not None
+            deltas = [_delta(source, adapters[i]) for i, source in present]
+            combined = combine_deltas(
+                deltas,
+                [weights[i] for i, _ in present],
+                combine,
+                tensor=f"{module}.weight",
+                positions=[i for i, _ in present],
+                all_weights=weights,
             )
-            writer.finish(config)
-        except BaseException:
-            writer.abort()
-            raise
+            del deltas
+            low = truncated_svd(combined, truncation, seed=tensor_seed(module))
+            norm_sq = float(torch.linalg.vector_norm(combined)) ** 2
+            kept_sq += norm_sq * low.energy_kept
+            total_sq += norm_sq
+            rank = int(low.a.shape[0])
+            writer.add_lora(module, low.a.to(dtype), low.b.to(dtype), alpha=rank, embedding=embedding)
+            modules.append(CombinedModule(module, len(present), rank, low.energy_kept))
+        config = lora_config(
+            writer.lora_modules,
+            target_modules=_target_modules(adapters, order),
+            modules_to_save=[],
+            base_model=adapters[0].config.get("base_model_name_or_path"),
+            fan_in_fan_out=bool(adapters[0].config.get("fan_in_fan_out")),
+            task_type=adapters[0].config.get("task_type"),
+        )
+        writer.finish(config)
     return CombineSummary(
         output=str(out),
         method=options.method,

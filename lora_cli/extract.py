@@ -218,7 +218,7 @@ def extract(
                         f"resize the base's embeddings to {result.value.shape[0]} rows before loading the adapter"
                     )
 
-        try:
+        with writer:
             Pipeline(load, compute, sink, depth=1).run(jobs)
             extracted = {lora.module for lora in loras}
             for item in deferred:
@@ -253,9 +253,6 @@ def extract(
                 task_type=_task_type(tuned.config()),
             )
             files = writer.finish(config)
-        except BaseException:
-            writer.abort()
-            raise
         peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
     total_sq = sum(lora.delta_sq for lora in loras)

@@ -85,46 +85,41 @@ def resize(adapter_dir: Path, out: Path, options: ResizeOptions) -> ResizeSummar
     modules: list[ResizedModule] = []
     carried: list[str] = []
     total_sq = kept_sq = 0.0
-    with atomic_directory(out, overwrite=options.overwrite) as tmp:
-        writer = AdapterWriter(tmp)
-        try:
-            for source in sources:
-                low: TruncatedSvd
-                if source.factors is not None:
-                    a_key, b_key, scale, old_rank = source.factors
-                    a, b = wide.load(a_key), wide.load(b_key)
-                    low = factored_svd(b * scale, a, how)
-                    new_a, new_b = low.a, low.b
-                    delta_sq = float((low.singular.double() ** 2).sum()) / max(low.energy_kept, 1e-300)
-                else:
-                    assert source.edit is not None and source.shape is not None
-                    old_rank = None
-                    delta = source.edit.delta(source.shape, ctx)
-                    low = truncated_svd(delta, how, seed=tensor_seed(source.module))
-                    new_a, new_b = low.a, low.b
-                    delta_sq = float(torch.linalg.vector_norm(delta)) ** 2
-                rank = int(new_a.shape[0])
-                writer.add_lora(
-                    source.module,
-                    new_a.to(dtype),
-                    new_b.to(dtype),
-                    alpha=rank,
-                    embedding=source.layout == "embedding",
-                )
-                modules.append(ResizedModule(source.module, old_rank, rank, low.energy_kept, low.method))
-                total_sq += delta_sq
-                kept_sq += delta_sq * low.energy_kept
-            for module, key, scale in biases:  # lora_B.bias is scaled like the delta: fold the old scale in
-                writer.add_lora_bias(module, (ctx.load(key) * scale).to(dtype))
-                carried.append(f"{module}.lora_B.bias")
-            for name, key in adapter.full_tensors.items():
-                writer.add_raw(key, adapter.weights.load(key))
-                carried.append(name)
-            config = _config(adapter, writer)
-            writer.finish(config)
-        except BaseException:
-            writer.abort()
-            raise
+    with atomic_directory(out, overwrite=options.overwrite) as tmp, AdapterWriter(tmp) as writer:
+        for source in sources:
+            low: TruncatedSvd
+            if source.factors is not None:
+                a_key, b_key, scale, old_rank = source.factors
+                a, b = wide.load(a_key), wide.load(b_key)
+                low = factored_svd(b * scale, a, how)
+                new_a, new_b = low.a, low.b
+                delta_sq = float((low.singular.double() ** 2).sum()) / max(low.energy_kept, 1e-300)
+            else:
+                assert source.edit is not None and source.shape is not None
+                old_rank = None
+                delta = source.edit.delta(source.shape, ctx)
+                low = truncated_svd(delta, how, seed=tensor_seed(source.module))
+                new_a, new_b = low.a, low.b
+                delta_sq = float(torch.linalg.vector_norm(delta)) ** 2
+            rank = int(new_a.shape[0])
+            writer.add_lora(
+                source.module,
+                new_a.to(dtype),
+                new_b.to(dtype),
+                alpha=rank,
+                embedding=source.layout == "embedding",
+            )
+            modules.append(ResizedModule(source.module, old_rank, rank, low.energy_kept, low.method))
+            total_sq += delta_sq
+            kept_sq += delta_sq * low.energy_kept
+        for module, key, scale in biases:  # lora_B.bias is scaled like the delta: fold the old scale in
+            writer.add_lora_bias(module, (ctx.load(key) * scale).to(dtype))
+            carried.append(f"{module}.lora_B.bias")
+        for name, key in adapter.full_tensors.items():
+            writer.add_raw(key, adapter.weights.load(key))
+            carried.append(name)
+        config = _config(adapter, writer)
+        writer.finish(config)
     return ResizeSummary(
         output=str(out),
         source_type=adapter.peft_type,
