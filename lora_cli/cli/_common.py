@@ -17,6 +17,7 @@ from lora_cli.cli._output import Output, human_bytes
 from lora_cli.errors import InputError
 
 if TYPE_CHECKING:  # the library (and torch) is imported by the commands that run, not by --help
+    from lora_cli.combine import CombineOptions
     from lora_cli.engine import WriteSummary
     from lora_cli.sources import AdapterSpec
 
@@ -97,3 +98,11 @@ def render_summary(
         table.add_row(*row)
     push_rows(table, summary.push)
     output.table(table)
+
+
+def combine_options(method: str, density: float, majority_sign: str, seed: int, no_normalize: bool) -> CombineOptions:
+    """`--combine` and its knobs as `merge` and `diff --adapter` take them."""
+    from lora_cli.combine import CombineOptions
+
+    normalize = False if no_normalize else None  # None: each method's own default
+    return CombineOptions(method=method, density=density, majority_sign=majority_sign, seed=seed, normalize=normalize)

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from lora_cli.cli._common import resolve_adapters
+from lora_cli.cli._common import combine_options, resolve_adapters
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._options import (
     AdapterRevisionOpt,
@@ -225,7 +225,6 @@ def diff_command(
     tensor the adapters edit is recomputed from A as loractl merge does and B's residual is reported in ulps;
     --combine (with its --density, --majority-sign, --seed, --no-normalize) recomputes a `merge --combine`.
     """
-    from lora_cli.combine import CombineOptions
     from lora_cli.diff import DiffOptions, diff
     from lora_cli.resolve import resolve
 
@@ -237,13 +236,7 @@ def diff_command(
         options = DiffOptions(rtol=rtol, atol=atol, rank=rank, device=device)
         if max_ulps is not None:
             options.max_ulps = max_ulps
-        combining = CombineOptions(
-            method=combine,
-            density=density,
-            majority_sign=majority_sign,
-            seed=seed,
-            normalize=False if no_normalize else None,
-        )
+        combining = combine_options(combine, density, majority_sign, seed, no_normalize)
         with output.progress("comparing") as bar:
             try:
                 result = diff(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from lora_cli.cli._common import check_dtype, parse_size, render_summary, resolve_adapters
+from lora_cli.cli._common import check_dtype, combine_options, parse_size, render_summary, resolve_adapters
 from lora_cli.cli._errors import user_errors
 from lora_cli.cli._hub import (
     BranchOpt,
@@ -134,7 +134,6 @@ def merge_command(
     # The library (torch, transformers) is imported here, not at start-up: --help stays instant, and an
     # interruption during these imports exits 130 at once (cli/_signals.py).
     from lora_cli.adapters.lineage import source_lineage
-    from lora_cli.combine import CombineOptions
     from lora_cli.engine import WriteOptions
     from lora_cli.merge import merge
     from lora_cli.peft_weighted import PeftCombine
@@ -172,13 +171,7 @@ def merge_command(
                 seed=seed,
             )
             combine = "sum"  # the combination happens in PEFT's way, before the merge
-        combining = CombineOptions(
-            method=combine,
-            density=density,
-            majority_sign=majority_sign,
-            seed=seed,
-            normalize=False if no_normalize else None,
-        )
+        combining = combine_options(combine, density, majority_sign, seed, no_normalize)
         with output.progress("merging") as bar:
             summary = merge(
                 base_source,
