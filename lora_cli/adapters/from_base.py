@@ -47,14 +47,18 @@ class FromBaseEdit(TensorEdit):
         return EditForm("transform", revert_needs_base=True)
 
     def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
-        if base is None:
-            raise NotRevertibleError(
-                f"{self.target}: the {self.kind} change was computed from the original weight, which the merged "
-                "checkpoint no longer holds",
-                path=self.adapter.ref,
-                fix="pass --base BASE to take the original from the base model",
-            )
-        return base.to(merged.dtype)
+        return original_from_base(self, merged, base, f"the {self.kind} change was computed from the original weight")
 
     def describe(self) -> str:
         return f"{self.kind} {self.detail}".strip()
+
+
+def original_from_base(edit: TensorEdit, merged: torch.Tensor, base: torch.Tensor | None, why: str) -> torch.Tensor:
+    """The original weight, for a change that was computed from it: taken from --base, or refused saying so."""
+    if base is None:
+        raise NotRevertibleError(
+            f"{edit.target}: {why}, which the merged checkpoint no longer holds",
+            path=edit.adapter.ref,
+            fix="pass --base BASE to take the original from the base model",
+        )
+    return base.to(merged.dtype)

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 
 from lora_cli.adapters.base import Adapter, AdapterKind, AdapterModule, EditContext, EditForm, Shape, TensorEdit
+from lora_cli.adapters.from_base import original_from_base
 from lora_cli.adapters.params import config_number, require
-from lora_cli.errors import NotRevertibleError
 
 
 class SupertuningEdit(TensorEdit):
@@ -82,14 +82,9 @@ class SupertuningEdit(TensorEdit):
 
     def revert(self, merged: torch.Tensor, ctx: EditContext, base: torch.Tensor | None = None) -> torch.Tensor:
         if self.indices_key is None:
-            if base is None:
-                raise NotRevertibleError(
-                    f"{self.target}: the Super-Tuning positions were picked from the original weight, which the "
-                    "merged checkpoint no longer holds",
-                    path=self.adapter.ref,
-                    fix="pass --base BASE to take the original from the base model",
-                )
-            return base.to(merged.dtype)
+            return original_from_base(
+                self, merged, base, "the Super-Tuning positions were picked from the original weight"
+            )
         values, lora = self._parts(merged, ctx)
         if lora is not None:
             merged = merged - lora
