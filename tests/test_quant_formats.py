@@ -258,6 +258,15 @@ def _bnb_4bit_parts(weight: torch.Tensor, blocksize: int, quant_type: str, neste
     return packed, state, parts
 
 
+def _decode_bnb_4bit(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The 4-bit decode as the lifted weight runs it: with the quant state's JSON, read from its part."""
+    import json
+
+    from lora_cli.quant import bnb
+
+    return bnb._decode_4bit(parts, state=json.loads(parts["state"].numpy().tobytes().decode("utf-8")))
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize(
@@ -287,12 +296,12 @@ def test_bnb_4bit_formula_is_the_library_kernel(
     if nested:
         absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
     portable = _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), state.code, blocksize, shape, dtype)
-    ours = bnb._decode_4bit(parts)
+    ours = _decode_bnb_4bit(parts)
     assert ours.dtype == dtype and ours.shape == shape
     assert torch.equal(ours.view(-1).view(torch.uint8), portable.reshape(-1).view(torch.uint8))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bnb, "STEP", 2 * blocksize)
-        assert torch.equal(bnb._decode_4bit(parts).view(-1).view(torch.uint8), ours.view(-1).view(torch.uint8))
+        assert torch.equal(_decode_bnb_4bit(parts).view(-1).view(torch.uint8), ours.view(-1).view(torch.uint8))
     if shape[-1] % blocksize == 0:
         assert torch.equal(ours, F.dequantize_4bit(packed, state))
     # Either way the values are the weight's, within 4-bit precision (FP4 over one 4096 block: 0.17).

@@ -11,6 +11,7 @@ Only `--requantize` (`quantize_nf4`) needs the library.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -62,7 +63,8 @@ def _lift_4bit(tensors: dict[str, TensorInfo], context: LiftContext) -> list[Qua
         if not _usable_state(state, kind):
             raise context.bad(states[0], "quant state lacks its quant_type, blocksize or nested_* entries")
         stored = TORCH_TO_SAFETENSORS[dtype]
-        found.append(logical(name, stored, tuple(shape), parts, _decode_4bit, context, NAME, exact_anywhere=True))
+        decode = functools.partial(_decode_4bit, state=state)  # the state checked here, not parsed again per read
+        found.append(logical(name, stored, tuple(shape), parts, decode, context, NAME, exact_anywhere=True))
     return found
 
 
@@ -91,8 +93,7 @@ def _unpack_state(raw: torch.Tensor, name: str, context: LiftContext) -> dict:
 STEP = 1 << 22
 
 
-def _decode_4bit(read: dict[str, torch.Tensor]) -> torch.Tensor:
-    state = json.loads(read["state"].cpu().numpy().tobytes().decode("utf-8"))
+def _decode_4bit(read: dict[str, torch.Tensor], state: dict) -> torch.Tensor:
     absmax = read["absmax"]
     if "nested_absmax" in read:
         nested = blockwise(absmax, read["nested_quant_map"], read["nested_absmax"], state["nested_blocksize"])
